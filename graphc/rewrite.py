@@ -1,0 +1,103 @@
+"""Local rewrites as data: a Rule is a pattern, a check that fails with a reason, a rewrite.
+
+    rule = Rule("conv-bn", match=match_conv_bn, check=check_conv_bn, rewrite=fold_conv_bn)
+    g2, misses = apply_rules(g, [rule])
+
+`match(graph, node)` returns a dict of named nodes (or None); `check(graph, m)` returns
+None when the rewrite is safe or a sentence saying why not; `rewrite(graph, m)` edits the
+(already copied) graph. Misses are kept so `explain` can say why a rule did not fire.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from graphc.ir import Graph
+
+Match = dict
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    match: Callable[[Graph, fx.Node], Match | None]
+    check: Callable[[Graph, Match], str | None]
+    rewrite: Callable[[Graph, Match], None]
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A place where a rule's pattern matched but its check refused, and why."""
+
+    rule: str
+    node: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.rule} at %{self.node}: {self.reason}"
+
+
+def apply_rules(g: Graph, rules: list[Rule], max_iters: int = 10) -> tuple[Graph, list[Miss]]:
+    """Apply rules greedily to a fixed point on a copy of g; g itself is left unchanged.
+
+    Returns (g, misses) unchanged when no rule fired, so callers can tell "changed" cheaply.
+    """
+    out, misses = None, []
+    for _ in range(max_iters):
+        fired, misses = False, []
+        for node in list((out or g).gm.graph.nodes):
+            for rule in rules:
+                m = rule.match(out or g, node)
+                if m is None:
+                    continue
+                reason = rule.check(out or g, m)
+                if reason:
+                    misses.append(Miss(rule.name, node.name, reason))
+                    continue
+                if out is None:  # copy lazily, then re-find the matched nodes in the copy
+                    out = g.copy()
+                    m = _remap(out, m)
+                rule.rewrite(out, m)
+                fired = True
+                break
+            if fired:
+                break  # the graph changed under the node list: walk it again
+        if not fired:
+            break
+    if out is None:
+        return g, misses
+    out.gm.graph.eliminate_dead_code()
+    out.gm.recompile()
+    return out, misses
+
+
+def _remap(g: Graph, m: Match) -> Match:
+    by_name = {n.name: n for n in g.gm.graph.nodes}
+    return {k: by_name[v.name] if isinstance(v, fx.Node) else v for k, v in m.items()}
+
+
+def add_weight(g: Graph, base: str, value: torch.Tensor, trainable: bool = True) -> str:
+    """Register `value` on g's module under a fresh name derived from `base`; return it."""
+    name = re.sub(r"\W", "_", base)
+    stem, i = name, 1
+    while hasattr(g.gm, name):
+        name, i = f"{stem}_{i}", i + 1
+    if trainable and value.is_floating_point():
+        g.gm.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=True))
+    else:
+        g.gm.register_buffer(name, value.detach())
+    return name
+
+
+def is_weight(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
