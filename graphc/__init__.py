@@ -1,0 +1,30 @@
+"""graphc: a compression compiler for neural networks.
+
+    cm = graphc.compile(model, (x,), target="cpu", passes="fold-batchnorm", dump_ir="ir/")
+    y = cm(x); cm.save("model.graphc"); cm = graphc.load("model.graphc")
+"""
+
+from graphc import passes  # noqa: F401  (registers the built-in passes)
+from graphc.api import compile, lower, trace
+from graphc.errors import (BackendError, FrontendError, GraphcError, InputError, PassError,
+                           UnsupportedOpError, VerifyError)
+from graphc.ir import Graph
+from graphc.pass_manager import PASSES, parse_pipeline, register_pass
+from graphc.pipeline import run_pipeline
+from graphc.spec import TensorSpec
+from graphc.verify import verify
+
+
+def load(path):
+    """Read a CompiledModel written by CompiledModel.save()."""
+    from graphc.compiled import load_compiled
+
+    return load_compiled(path)
+
+
+__all__ = [
+    "compile", "trace", "lower", "load", "run_pipeline", "register_pass", "parse_pipeline",
+    "PASSES", "Graph", "TensorSpec", "verify", "GraphcError", "FrontendError",
+    "UnsupportedOpError", "PassError", "VerifyError", "BackendError", "InputError",
+]
+__version__ = "0.1.0"

@@ -26,7 +26,9 @@ _GRAPHC_DIR = os.path.dirname(os.path.dirname(__file__))
 _WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
 
-def from_module(model: torch.nn.Module, inputs: tuple, name: str | None = None) -> Graph:
+def from_module(model: torch.nn.Module, inputs: tuple, name: str | None = None,
+                input_names: list[str] | None = None,
+                output_names: list[str] | None = None) -> Graph:
     """Trace `model` on `inputs` (in eval mode) into a Graph of core ATen ops."""
     inputs = _check_inputs(inputs)
     name = name or type(model).__name__
@@ -35,7 +37,25 @@ def from_module(model: torch.nn.Module, inputs: tuple, name: str | None = None) 
             ep = torch.export.export(model, inputs, strict=False)
         except Exception as e:  # torch.export raises many unrelated types
             raise FrontendError(_untraceable_message(name, e)) from e
-    return from_exported_program(ep.run_decompositions(), inputs, name)
+    g = from_exported_program(ep.run_decompositions(), inputs, name)
+    return _rename(g, input_names, output_names)
+
+
+def _rename(g: Graph, input_names, output_names) -> Graph:
+    """Give specs (and placeholders, where the name is free) the model's own names."""
+    if input_names:
+        taken = {n.name for n in g.gm.graph.nodes}
+        phs = [n for n in g.gm.graph.nodes if n.op == "placeholder"]
+        for node, new in zip(phs, input_names):
+            ident = re.sub(r"\W", "_", new)
+            if ident not in taken and ident.isidentifier():
+                node.name = node.target = ident
+                taken.add(ident)
+        g.inputs = [TensorSpec(n, s.shape, s.dtype) for n, s in zip(input_names, g.inputs)]
+        g.gm.recompile()
+    if output_names:
+        g.outputs = [TensorSpec(n, s.shape, s.dtype) for n, s in zip(output_names, g.outputs)]
+    return g
 
 
 def from_exported_program(ep: torch.export.ExportedProgram, inputs: tuple, name: str) -> Graph:
