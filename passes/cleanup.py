@@ -31,38 +31,41 @@ def constant_folding(graph: Graph, *, max_growth_bytes: int = 4096) -> Graph:
     A fold that would make the stored weights grow by more than `max_growth_bytes` (an
     expand or a full() of a big shape) is skipped: it would make the artifact bigger.
     """
-    g, folded = graph.copy(), 0
-    for node in list(g.gm.graph.nodes):
-        if not _foldable(g, node):
+    g, new, env, folded = graph.copy(), fx.Graph(), {}, 0
+    for node in graph.gm.graph.nodes:  # rebuild, so folded nodes keep their names
+        value = _fold(g, node, env, max_growth_bytes)
+        if value is None:
+            env[node] = new.node_copy(node, lambda n: env[n])
             continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: fetch_attr(g.gm, n.target))
-        with torch.no_grad():
-            value = node.target(*args, **kwargs)
-        if not isinstance(value, torch.Tensor) or _growth(g, node, value) > max_growth_bytes:
-            continue
-        with g.gm.graph.inserting_before(node):
-            const = g.gm.graph.get_attr(add_weight(g, node.name, value.contiguous(), False))
-        const.meta = dict(node.meta)
-        node.replace_all_uses_with(const)
-        g.gm.graph.erase_node(node)
+        attr = add_weight(g, node.name, value.contiguous(), trainable=False)
+        env[node] = new.create_node("get_attr", attr, name=node.name)
+        env[node].meta = dict(node.meta)
         folded += 1
     if not folded:
         return graph
-    g.gm.graph.eliminate_dead_code()
-    g.gm.recompile()
-    return g
+    new.eliminate_dead_code()
+    return g.with_graph(new)
 
 
-def _foldable(g: Graph, node: fx.Node) -> bool:
+def _fold(g: Graph, node: fx.Node, env: dict, max_growth: int) -> torch.Tensor | None:
+    """The node's value if every input is a weight in the new graph and folding pays."""
+    if not _foldable(node) or not all(env[n].op == "get_attr" for n in node.all_input_nodes):
+        return None
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                   lambda n: fetch_attr(g.gm, env[n].target))
+    with torch.no_grad():
+        value = node.target(*args, **kwargs)
+    if not isinstance(value, torch.Tensor):
+        return None
+    consumed = sum(fetch_attr(g.gm, env[n].target).nbytes for n in node.all_input_nodes
+                   if len(n.users) == 1)  # an input used elsewhere stays stored anyway
+    return value if value.nbytes - consumed <= max_growth else None
+
+
+def _foldable(node: fx.Node) -> bool:
     if node.op != "call_function" or node.is_impure():
         return False
     if isinstance(node.target, torch._ops.OpOverload) and (
             torch.Tag.nondeterministic_seeded in node.target.tags):
         return False  # random ops must stay random
-    return all(n.op == "get_attr" for n in node.all_input_nodes)
-
-
-def _growth(g: Graph, node: fx.Node, value: torch.Tensor) -> int:
-    consumed = sum(fetch_attr(g.gm, n.target).nbytes for n in node.all_input_nodes
-                   if len(n.users) == 1)  # an input used elsewhere stays stored anyway
-    return value.nbytes - consumed
+    return True

@@ -1,0 +1,77 @@
+"""dead-code-elimination and constant-folding: IR before/after, numerics, negative cases."""
+
+import torch
+
+import graphc
+from graphc.passes.cleanup import constant_folding, dead_code_elimination
+from graphc.verify import verify
+from tests.models.zoo import build
+
+
+def _with_dead_node(g):
+    g = g.copy()
+    x = next(n for n in g.gm.graph.nodes if n.op == "placeholder")
+    with g.gm.graph.inserting_after(x):
+        g.gm.graph.call_function(torch.ops.aten.exp.default, (x,))
+    g.gm.recompile()
+    return g
+
+
+def test_dce_removes_unused_nodes_exactly():
+    m, x = build("mlp")
+    g = _with_dead_node(graphc.trace(m, x))
+    before = str(g)
+    out = dead_code_elimination(g)
+    assert "aten.exp" in before and "aten.exp" not in str(out)
+    assert out.stats()["nodes"] == g.stats()["nodes"] - 1
+    assert str(g) == before  # input untouched
+    verify(out, after="dead-code-elimination")
+    torch.testing.assert_close(out(*x)[0], g(*x)[0], rtol=0, atol=0)
+
+
+def test_dce_returns_the_same_graph_when_nothing_is_dead():
+    m, x = build("mlp")
+    g = graphc.trace(m, x)
+    assert dead_code_elimination(g) is g
+
+
+def test_constant_folding_precomputes_weight_transposes():
+    m, x = build("mlp")
+    g = graphc.trace(m, x)
+    assert g.op_histogram()["aten.permute"] == 3
+    out = constant_folding(g)
+    assert out.op_histogram()["aten.permute"] == 0
+    assert out.op_histogram()["aten.addmm"] == 3
+    assert "%permute: f32[20, 64] = param permute" in str(out)
+    assert out.stats()["param_bytes"] == g.stats()["param_bytes"]
+    verify(out, after="constant-folding")
+    torch.testing.assert_close(out(*x)[0], g(*x)[0], rtol=0, atol=1e-6)
+
+
+class _Expand(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.randn(1, 64))
+
+    def forward(self, x):
+        return x + self.bias.expand(256, 64).clone() + torch.full((256, 64), 2.0)
+
+
+def test_constant_folding_refuses_folds_that_grow_the_artifact():
+    x = (torch.randn(256, 64),)
+    g = graphc.trace(_Expand(), x)
+    out = constant_folding(g)  # 64 KiB results from 256-byte inputs: not folded
+    assert out.op_histogram() == g.op_histogram()
+    big = constant_folding(g, max_growth_bytes=1 << 20)
+    assert "aten.expand" not in big.op_histogram() and "aten.full" not in big.op_histogram()
+    torch.testing.assert_close(big(*x)[0], g(*x)[0], rtol=0, atol=0)
+
+
+class _Random(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.rand(4)
+
+
+def test_constant_folding_keeps_random_ops():
+    g = graphc.trace(_Random(), (torch.randn(4),))
+    assert constant_folding(g) is g
