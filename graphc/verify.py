@@ -41,12 +41,12 @@ class _NamingProp(FakeTensorProp):
 def verify(g: Graph, after: str = "input") -> None:
     """Raise VerifyError naming the node, op and pass `after` if g breaks an invariant."""
     where = f"after pass '{after}'"
+    _check_placeholders(g, where)
+    _check_nodes(g, where)
     try:
         g.gm.graph.lint()
     except Exception as e:
         raise VerifyError(f"{where}: fx lint failed: {e}") from e
-    _check_placeholders(g, where)
-    _check_nodes(g, where)
     propagate(g)
     _check_outputs(g, where)
 
