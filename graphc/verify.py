@@ -68,7 +68,7 @@ def _check_nodes(g: Graph, where: str) -> None:
                                   f"'{n.target}'") from None
             if not isinstance(value, torch.Tensor):
                 raise VerifyError(f"{where}: get_attr %{n.name} is not a tensor")
-        if n.op in ("call_function", "get_attr") and not n.users:
+        if n.op in ("call_function", "get_attr") and not n.users and not n.is_impure():
             raise VerifyError(
                 f"{where}: dangling node %{n.name} ({_desc(n)}) has no users; "
                 "run 'dead-code-elimination' at the end of the pass")
