@@ -1,0 +1,172 @@
+"""The TVM CPU pipeline: ExportedProgram -> CompiledModel, as four named phases.
+
+    import     TVM's PyTorch importer + graphc's lowering rules (lower.py)    dump "relax"
+    optimize   Relax: decompose for inference, legalize to TIR, fold, fuse     dump "relax-opt"
+    schedule   dlight CPU rules (GEMV, reductions) except on convolutions     dump "tir"
+    build      Relax VM lowering, then TIR -> LLVM codegen for the target
+
+Each phase is a list of passes (like TVM's relax/backend/*/pipeline.py), so a later target or
+a tuned schedule replaces one list, not the driver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+import tvm
+from tvm import relax, s_tir
+from tvm.s_tir import dlight
+
+from graphc.compiled import CompiledModel
+from graphc.errors import BackendError, GraphcError
+from graphc.spec import TensorSpec
+
+from .legalize import LEGALIZATIONS
+from .lower import import_program
+from .runtime import runner_from_executable
+from .target import resolve_target
+
+Dump = Callable[[str, str], None]
+
+
+def optimize_passes(target: tvm.target.Target) -> list:
+    """Relax -> fused Relax calling unscheduled TIR kernels."""
+    return [
+        # batch_norm (inference) and friends become arithmetic that FoldConstant folds with
+        # the constant weights, instead of an opaque op evaluated at run time.
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(customize_legalize_map=LEGALIZATIONS),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+# Kernels dlight's CPU rules must leave alone, by a substring of their TIR block names, with
+# the measurement that decided it (2 cores; whole models, alternating runs).
+DLIGHT_SKIP = {
+    # Reduction treats a convolution as a row reduction: small conv net 4.7 -> 7.8 ms,
+    # depthwise-separable block 0.29 -> 3.3 ms. (Matmul kernels gain ~2x from its parallel loop.)
+    "conv": "slower than the unscheduled loop nest",
+}
+
+
+def schedule_passes(target: tvm.target.Target) -> list:
+    """Schedules for the TIR kernels. dlight's CPU rules cover GEMV and row reductions
+    (matmul, softmax, layer norm); conv stays unscheduled until graphc has its own rules."""
+    rules = [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+    return [dlight.ApplyDefaultSchedule(*(_SkipKernels(r, DLIGHT_SKIP) for r in rules))]
+
+
+class _SkipKernels(dlight.ScheduleRule):
+    """A dlight rule that declines kernels containing a block named like a key of `skip`."""
+
+    def __init__(self, rule: dlight.ScheduleRule, skip: dict[str, str]):
+        self.rule, self.skip = rule, skip
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        if any(key in name for key in self.skip for name in names):
+            return None
+        return self.rule.apply(func, target, tunable)
+
+
+def build_passes(target: tvm.target.Target) -> list:
+    """Relax -> VM-ready Relax: explicit memory, planned buffers, lowered shapes (the
+    dataflow-lower and finalize lists of TVM's cpu_generic pipeline)."""
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
+          output_specs: list[TensorSpec], single_output: bool, target="cpu",
+          dump: Dump | None = None) -> CompiledModel:
+    """Compile a core-ATen ExportedProgram for a CPU target with TVM."""
+    resolved = resolve_target(target)
+    tgt = resolved.target
+    dump = dump or (lambda stage, text: None)
+    seconds: dict[str, float] = {}
+    with _phase("import", seconds, tgt):
+        mod = import_program(ep)
+        _check_signature(mod, input_specs, output_specs)
+    dump("relax", mod.script())
+    with tvm.transform.PassContext(opt_level=3), tgt:
+        with _phase("optimize", seconds, tgt):
+            mod = tvm.transform.Sequential(optimize_passes(tgt))(mod)
+        dump("relax-opt", mod.script())
+        with _phase("schedule", seconds, tgt):
+            mod = tvm.transform.Sequential(schedule_passes(tgt))(mod)
+        dump("tir", _tir_script(mod))
+        with _phase("build", seconds, tgt):
+            executable = tvm.compile(mod, tgt, relax_pipeline=tvm.transform.Sequential(
+                build_passes(tgt)))
+    info = {"target": tgt.export(), "preset": resolved.preset,
+            "host_cpu": tvm.target.codegen.llvm_get_system_cpu()}
+    meta = {"tvm": {"version": tvm.__version__, "phase_seconds": seconds, **info}}
+    return CompiledModel(runner_from_executable(executable, info), input_specs=input_specs,
+                         output_specs=output_specs, single_output=single_output,
+                         target=resolved.description, backend="tvm", meta=meta)
+
+
+@contextmanager
+def _phase(name: str, seconds: dict, target: tvm.target.Target):
+    """Time a phase; turn TVM's errors into a BackendError that names the phase."""
+    start = time.perf_counter()
+    try:
+        yield
+    except GraphcError:
+        raise
+    except Exception as e:
+        raise BackendError(f"tvm backend: phase '{name}' failed for target {target}: "
+                           f"{type(e).__name__}: {e}") from e
+    seconds[name] = round(time.perf_counter() - start, 4)
+
+
+def _tir_script(mod: tvm.IRModule) -> str:
+    prim_funcs = {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    return tvm.IRModule(prim_funcs).script()
+
+
+def _check_signature(mod: tvm.IRModule, input_specs: list[TensorSpec],
+                     output_specs: list[TensorSpec]) -> None:
+    # The importer's view of the program must agree with graphc's specs, or the runner would
+    # read outputs in the wrong order; catch it at build time with both sides named.
+    main = mod["main"]
+    ret = main.ret_ty  # TVM 0.27 renamed struct_info to ty (TupleType, TensorType)
+    outs = list(ret.fields) if isinstance(ret, tvm.ir.TupleType) else [ret]
+    got_in = [_type(p.ty) for p in main.params]
+    got_out = [_type(t) for t in outs]
+    want_in = [(tuple(s.shape), _dtype(s.dtype)) for s in input_specs]
+    want_out = [(tuple(s.shape), _dtype(s.dtype)) for s in output_specs]
+    if got_in != want_in or got_out != want_out:
+        raise BackendError(f"tvm backend: imported signature {got_in} -> {got_out} differs from "
+                           f"the graph's specs {want_in} -> {want_out}")
+
+
+def _type(t) -> tuple:
+    shape = tuple(int(d) for d in t.shape) if getattr(t, "shape", None) is not None else None
+    return shape, str(getattr(t, "dtype", t))
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,92 @@
+"""Running a built TVM module: the Relax VM behind graphc's Runner protocol, and its files.
+
+Saved files (inside the graphc artifact's runner/ folder):
+    lib.so        executable.export_library(): kernels + VM bytecode + constants (weights)
+    runner.json   the target it was built for, to warn before running on a different CPU
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+from tvm.target import codegen
+
+from graphc.compiled import ArtifactError
+
+LIB_FILE = "lib.so"
+INFO_FILE = "runner.json"
+ALIGNMENT = 64  # TVM's kernels assume 64-byte aligned buffers; from_dlpack checks it
+
+
+class TVMRunner:
+    """Runs `main` of a Relax VM executable on CPU (graphc.compiled.Runner protocol)."""
+
+    def __init__(self, module, export: Callable[[Path], None], info: dict):
+        self.vm = relax.VirtualMachine(module, tvm.cpu())
+        self.main = self.vm["main"]  # looked up once: the lookup shows in small benchmarks
+        self._export = export
+        self.info = info
+
+    def convert(self, inputs):
+        return [_to_tvm(x) for x in inputs]
+
+    def run(self, native_inputs):
+        return self.main(*native_inputs)
+
+    def outputs(self, native_outputs):
+        # main returns a tuple (the importer keeps the user's output structure flat).
+        if isinstance(native_outputs, tvm.runtime.Tensor):
+            native_outputs = [native_outputs]
+        return [t.numpy() for t in native_outputs]
+
+    def save(self, directory: Path) -> None:
+        self._export(directory / LIB_FILE)
+        (directory / INFO_FILE).write_text(json.dumps(self.info))
+
+
+def runner_from_executable(executable, info: dict) -> TVMRunner:
+    """A runner over a freshly built executable (export_library links lib.so on save)."""
+    return TVMRunner(executable, lambda path: executable.export_library(str(path)), info)
+
+
+def load_runner(directory: Path) -> TVMRunner:
+    """Rebuild a TVMRunner from the files TVMRunner.save wrote (used by graphc.load)."""
+    lib, info_file = directory / LIB_FILE, directory / INFO_FILE
+    if not lib.is_file() or not info_file.is_file():
+        raise ArtifactError(f"tvm backend: artifact lacks {LIB_FILE} or {INFO_FILE}")
+    info = json.loads(info_file.read_text())
+    _warn_if_other_cpu(info)
+    data = lib.read_bytes()  # kept to save again: a loaded module cannot be re-exported
+    try:
+        module = tvm.runtime.load_module(str(lib))
+        runner = TVMRunner(module, lambda path: Path(path).write_bytes(data), info)
+    except Exception as e:  # dlopen / VM loading errors come as TVM's own error types
+        raise ArtifactError(f"tvm backend: cannot load the compiled library: {e}") from e
+    return runner
+
+
+def _warn_if_other_cpu(info: dict) -> None:
+    # An artifact built for "cpu" uses every ISA extension of the build host; on a CPU without
+    # them it dies with SIGILL, so say so before the first call.
+    built_for = info.get("host_cpu")
+    here = codegen.llvm_get_system_cpu()
+    if info.get("preset") == "cpu" and built_for and built_for != here:
+        warnings.warn(f"graphc artifact was built for CPU {built_for!r} (target 'cpu') and is "
+                      f"loaded on {here!r}; if it crashes, recompile with target='x86'",
+                      stacklevel=3)
+
+
+def _to_tvm(x) -> tvm.runtime.Tensor:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().contiguous()
+        if x.data_ptr() % ALIGNMENT == 0 and x.numel() > 0:
+            return tvm.runtime.from_dlpack(x)  # zero copy
+        x = x.numpy()
+    return tvm.runtime.tensor(np.ascontiguousarray(x))

@@ -1,0 +1,95 @@
+"""Target presets: a short name -> a TVM target (as a dict), or a full TVM target passed through.
+
+    "cpu"   this host: LLVM's name for the host CPU as mcpu, so LLVM may use every ISA
+            extension it has (AVX2/FMA, AVX-512, ...). Artifacts may not run on older CPUs.
+    "x86"   any x86-64 machine from about 2009 on (x86-64-v2: SSE4.2, POPCNT; no AVX).
+
+ARM ("arm": aarch64 cross-compiled) and CUDA slot in as more rows of PRESETS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import tvm
+from tvm.target import codegen
+
+from graphc.errors import BackendError
+
+
+def _cores() -> int:
+    # num-cores drives TVM's parallel schedule rules; the runtime thread count is separate
+    # (TVM_NUM_THREADS, set in graphc.backends.tvm.__init__).
+    return os.cpu_count() or 1
+
+
+def _host_cpu() -> dict:
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": _cores()}
+
+
+def _generic_x86() -> dict:
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v2",
+            "num-cores": _cores()}
+
+
+@dataclass(frozen=True)
+class Preset:
+    describe: str  # one line for users and for CompiledModel.target
+    make: Callable[[], dict]  # builds the TVM target dict when the preset is used
+    runs_here: bool = True  # False for cross-compiling presets (arm, cuda without a GPU)
+
+
+PRESETS: dict[str, Preset] = {
+    "cpu": Preset("this host's CPU", _host_cpu),
+    "x86": Preset("generic x86-64 (x86-64-v2)", _generic_x86),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    target: tvm.target.Target
+    description: str  # readable, stored in CompiledModel.target and in saved artifacts
+    preset: str | None  # the preset name, None for a target given in full
+
+
+def resolve_target(spec) -> ResolvedTarget:
+    """A preset name, a TVM target dict or JSON string, or a tvm.target.Target -> ResolvedTarget."""
+    if isinstance(spec, tvm.target.Target):
+        return ResolvedTarget(spec, _summary(spec), None)
+    if isinstance(spec, str) and spec in PRESETS:
+        target = _make(PRESETS[spec].make(), spec)
+        return ResolvedTarget(target, f"{spec}: {PRESETS[spec].describe} [{_summary(target)}]",
+                              spec)
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except ValueError as e:
+            raise BackendError(f"tvm backend: target JSON does not parse: {e}") from e
+    if isinstance(spec, dict):
+        target = _make(spec, json.dumps(spec))
+        return ResolvedTarget(target, _summary(target), None)
+    names = ", ".join(f"{k!r} ({p.describe})" for k, p in PRESETS.items())
+    raise BackendError(f"tvm backend: unknown target {spec!r}; use a preset ({names}) or a "
+                       'full TVM target as a dict, e.g. {"kind": "llvm", "mcpu": "znver3"}')
+
+
+def _make(config: dict, what: str) -> tvm.target.Target:
+    try:
+        return tvm.target.Target(config)
+    except Exception as e:  # TVM raises ValueError or its own FFI errors for bad configs
+        raise BackendError(f"tvm backend: invalid target {what}: {e}") from e
+
+
+def _summary(target: tvm.target.Target) -> str:
+    # The interesting fields only (kind, triple, cpu, cores), in a stable order.
+    cfg = target.export()
+    keys = ("kind", "mtriple", "mcpu", "mattr", "num-cores")
+    return " ".join(f"{k}={_fmt(cfg[k])}" if k != "kind" else str(cfg[k])
+                    for k in keys if cfg.get(k) not in (None, "", (), []))
+
+
+def _fmt(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)

@@ -1,0 +1,234 @@
+"""CompiledModel: what graphc.compile returns, whatever backend built it.
+
+A CompiledModel is a thin shell around a backend *runner* (see `Runner`). The shell owns
+everything that is the same for every backend: input checking, torch/numpy conversion,
+benchmarking, the pass report, and the one-file artifact format:
+
+    model.graphc (zip)
+      meta.json      format marker, version, specs, target, backend, free-form meta
+      runner/...     files the backend's runner wrote (e.g. the TVM shared library)
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import tempfile
+import time
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from graphc.errors import GraphcError, InputError
+from graphc.spec import TensorSpec, check_inputs
+
+FORMAT = "graphc-compiled"
+FORMAT_VERSION = 1
+
+# How to rebuild a runner from its saved files, per backend ("module:function", imported
+# lazily so that loading a TVM artifact does not need the torch backend and vice versa).
+RUNNER_LOADERS = {
+    "tvm": "graphc.backends.tvm.runtime:load_runner",
+    "torch": "graphc.backends.torch_backend:load_runner",
+}
+
+
+class ArtifactError(GraphcError):
+    """A file is not a graphc artifact, is corrupt, or was written by an incompatible graphc."""
+
+
+class Runner(Protocol):
+    """What a backend provides. Conversion is split from running so benchmarks time only run()."""
+
+    def convert(self, inputs: list[torch.Tensor | np.ndarray]) -> Any:
+        """Backend-native inputs (done once, outside timed regions)."""
+
+    def run(self, native_inputs: Any) -> Any:
+        """Run the model; returns backend-native outputs."""
+
+    def outputs(self, native_outputs: Any) -> list[torch.Tensor | np.ndarray]:
+        """Native outputs as a flat list of numpy arrays or torch tensors."""
+
+    def save(self, directory: Path) -> None:
+        """Write the files load_runner(directory) needs; may raise GraphcError if unsupported."""
+
+
+class CompiledModel:
+    """A compiled model: call it like the original model with torch tensors or numpy arrays."""
+
+    def __init__(self, runner: Runner, *, input_specs: list[TensorSpec],
+                 output_specs: list[TensorSpec], single_output: bool, target: str,
+                 backend: str, meta: dict | None = None):
+        self.runner = runner
+        self.input_specs = list(input_specs)
+        self.output_specs = list(output_specs)
+        self.single_output = single_output
+        self.target = target
+        self.backend = backend
+        self.meta = dict(meta or {})
+
+    def __repr__(self) -> str:
+        ins = ", ".join(map(str, self.input_specs))
+        outs = ", ".join(map(str, self.output_specs))
+        return f"CompiledModel(backend={self.backend}, target={self.target}, ({ins}) -> ({outs}))"
+
+    def __call__(self, *inputs):
+        _check_kinds(self.input_specs, inputs)
+        check_inputs(self.input_specs, inputs, where=f"{self.backend} compiled model")
+        outputs = self.runner.outputs(self.runner.run(self.runner.convert(list(inputs))))
+        # numpy in -> numpy out; anything with a torch tensor in -> torch out.
+        as_numpy = all(isinstance(x, np.ndarray) for x in inputs) and len(inputs) > 0
+        outputs = tuple(_to_numpy(o) if as_numpy else _to_torch(o) for o in outputs)
+        return outputs[0] if self.single_output else outputs
+
+    def benchmark(self, repeat: int = 50, warmup: int = 5, number: int = 1) -> dict:
+        """Time the runner on example inputs; stats are milliseconds per call."""
+        inputs = [spec.example(seed=i) for i, spec in enumerate(self.input_specs)]
+        native = self.runner.convert(inputs)  # converted once, outside the timed region
+        for _ in range(warmup):
+            self.runner.run(native)
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(number):
+                self.runner.run(native)
+            samples.append((time.perf_counter() - start) * 1e3 / number)
+        ms = np.asarray(samples)
+        return {"median": float(np.median(ms)), "mean": float(ms.mean()), "min": float(ms.min()),
+                "max": float(ms.max()), "p90": float(np.percentile(ms, 90)),
+                "std": float(ms.std()), "repeat": repeat, "number": number}
+
+    def report(self) -> str:
+        """The per-pass report rows in meta["passes"] as a printable table."""
+        return render_pass_table(self.meta.get("passes") or [], title=repr(self))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one file (a zip) that load_compiled(path) reads back, in any process."""
+        path = Path(path)
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "backend": self.backend,
+                  "target": self.target, "single_output": self.single_output,
+                  "input_specs": [s.to_json() for s in self.input_specs],
+                  "output_specs": [s.to_json() for s in self.output_specs], "meta": self.meta}
+        try:
+            header_text = json.dumps(header, indent=1)
+        except TypeError as e:
+            raise GraphcError(f"save: CompiledModel.meta must be JSON-serializable: {e}") from e
+        with tempfile.TemporaryDirectory() as tmp:
+            self.runner.save(Path(tmp))
+            # Write next to the destination, then rename: a failed save leaves no half file.
+            partial = path.with_name(path.name + ".partial")
+            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr("meta.json", header_text)
+                for f in sorted(Path(tmp).rglob("*")):
+                    if f.is_file():
+                        zf.write(f, "runner/" + f.relative_to(tmp).as_posix())
+            os.replace(partial, path)
+
+
+def load_compiled(path: str | os.PathLike) -> CompiledModel:
+    """Read a file written by CompiledModel.save (graphc.load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"graphc.load: no such file: {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            header = _read_header(zf, path)
+            with tempfile.TemporaryDirectory() as tmp:
+                for name in zf.namelist():
+                    if name.startswith("runner/") and not name.endswith("/"):
+                        _extract(zf, name, Path(tmp) / name.removeprefix("runner/"))
+                runner = _runner_loader(header["backend"], path)(Path(tmp))
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ArtifactError(f"graphc.load: {path} is not a graphc artifact or is corrupt "
+                            f"({type(e).__name__}: {e})") from e
+    return CompiledModel(
+        runner, input_specs=[TensorSpec.from_json(d) for d in header["input_specs"]],
+        output_specs=[TensorSpec.from_json(d) for d in header["output_specs"]],
+        single_output=header["single_output"], target=header["target"],
+        backend=header["backend"], meta=header.get("meta", {}))
+
+
+def render_pass_table(rows: list[dict], title: str = "") -> str:
+    """Render pass-report rows (pass, seconds, nodes, param_bytes, max_abs_err, max_rel_err)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = ["pass", "seconds", "nodes", "param_bytes", "max_abs_err", "max_rel_err"]
+    table = Table(title=title or None)
+    for c in columns:
+        table.add_column(c, justify="left" if c == "pass" else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    if not rows:
+        table.caption = "no pass report (meta['passes'] is empty)"
+    out = io.StringIO()
+    Console(file=out, width=120, force_terminal=False, color_system=None).print(table)
+    return out.getvalue()
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _check_kinds(specs: list[TensorSpec], inputs: tuple) -> None:
+    # check_inputs reads .shape/.dtype; give a clear error before it meets a list or a float.
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor | np.ndarray):
+            name = specs[i].name if i < len(specs) else f"#{i}"
+            raise InputError(f"input '{name}' must be a torch.Tensor or numpy.ndarray, "
+                             f"got {type(x).__name__}")
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _to_torch(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _read_header(zf: zipfile.ZipFile, path: Path) -> dict:
+    try:
+        header = json.loads(zf.read("meta.json"))
+    except KeyError:
+        raise ArtifactError(f"graphc.load: {path} is a zip file but not a graphc artifact "
+                            "(no meta.json)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"graphc.load: {path}: meta.json is corrupt ({e})") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ArtifactError(f"graphc.load: {path} is not a graphc artifact (format marker missing)")
+    if header.get("version") != FORMAT_VERSION:
+        raise ArtifactError(f"graphc.load: {path} has artifact version {header.get('version')}; "
+                            f"this graphc reads version {FORMAT_VERSION}: recompile the model")
+    missing = {"backend", "target", "single_output", "input_specs", "output_specs"} - set(header)
+    if missing:
+        raise ArtifactError(f"graphc.load: {path}: meta.json lacks {sorted(missing)}")
+    return header
+
+
+def _extract(zf: zipfile.ZipFile, name: str, dest: Path) -> None:
+    # Refuse names that would escape the temporary directory ("runner/../../x").
+    if ".." in Path(name).parts or Path(name).is_absolute():
+        raise ArtifactError(f"graphc.load: artifact member {name!r} has an unsafe path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(zf.read(name))
+
+
+def _runner_loader(backend: str, path: Path):
+    if backend not in RUNNER_LOADERS:
+        raise ArtifactError(f"graphc.load: {path} was written by unknown backend {backend!r} "
+                            f"(known: {', '.join(RUNNER_LOADERS)})")
+    module, func = RUNNER_LOADERS[backend].split(":")
+    return getattr(importlib.import_module(module), func)
