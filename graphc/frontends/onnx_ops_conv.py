@@ -1,0 +1,197 @@
+"""ONNX sliding-window ops: Conv, ConvTranspose, MaxPool, AveragePool, global pools, Resize.
+
+torch's conv and pool take symmetric padding only, and pool padding of at most
+half a kernel. Other ONNX pads (asymmetric, SAME_*, TF-style exports) become an
+explicit F.pad followed by an unpadded op, which computes the same windows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphc.frontends.onnx_ops import Node, OpDef, ints, torch_pads
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _geometry(node: Node, spatial, kernel):
+    """strides, dilations, begin pads, end pads of a conv/pool node (auto_pad resolved)."""
+    nd = len(kernel)
+    if nd not in _CONV:
+        raise node.unsupported("spatial rank", nd)
+    strides, dil = node.attr("strides", [1] * nd), node.attr("dilations", [1] * nd)
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if auto_pad == "NOTSET":
+        pads = node.attr("pads", [0] * 2 * nd)
+        return strides, dil, list(pads[:nd]), list(pads[nd:])
+    if auto_pad == "VALID":
+        return strides, dil, [0] * nd, [0] * nd
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise node.unsupported("auto_pad", auto_pad)
+    begin, end = [], []
+    for n, k, s, d in zip(spatial, kernel, strides, dil):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)  # output = ceil(n / s)
+        small = total // 2  # SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the start
+        begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return strides, dil, begin, end
+
+
+def _conv(node: Node, x: torch.Tensor, w: torch.Tensor, b=None):
+    strides, dil, begin, end = _geometry(node, x.shape[2:], w.shape[2:])
+    if begin != end:
+        x, begin = F.pad(x, torch_pads(begin, end)), [0] * len(begin)
+    return _CONV[w.ndim - 2](x, w, b, strides, begin, dil, node.attr("group", 1))
+
+
+def _conv_transpose(node: Node, x: torch.Tensor, w: torch.Tensor, b=None):
+    if node.attr("output_shape") is not None:
+        raise node.unsupported("output_shape", node.attr("output_shape"))
+    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise node.unsupported("auto_pad", node.attr("auto_pad"))
+    nd = w.ndim - 2
+    strides, dil, begin, end = _geometry(node, x.shape[2:], w.shape[2:])
+    out_pad, group = node.attr("output_padding", [0] * nd), node.attr("group", 1)
+    if begin == end:
+        return _CONV_T[nd](x, w, b, strides, begin, out_pad, group, dil)
+    # asymmetric pads crop the full transposed-conv output
+    y = _CONV_T[nd](x, w, b, strides, 0, out_pad, group, dil)
+    crop = tuple(slice(p, y.shape[2 + i] - q) for i, (p, q) in enumerate(zip(begin, end)))
+    return y[(slice(None), slice(None)) + crop]
+
+
+def _out_size(n: int, k: int, s: int, d: int, b: int, e: int, ceil: bool) -> int:
+    span = n + b + e - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    # ceil mode (onnxruntime, like torch): the last window must start inside the input
+    # or its left pad, never entirely in the right pad
+    return out - 1 if ceil and (out - 1) * s >= n + b else out
+
+
+class _Pool(NamedTuple):
+    """A pool node's windows: attributes resolved against the input's spatial shape."""
+
+    kernel: list[int]
+    strides: list[int]
+    dil: list[int]
+    begin: list[int]
+    end: list[int]
+    ceil: bool
+    native: bool  # torch's pool with symmetric padding computes exactly these windows
+    explicit_end: list[int]  # end pads after which a floor-mode, unpadded pool does
+
+
+def _pool(node: Node, x: torch.Tensor) -> _Pool:
+    kernel = node.attr("kernel_shape")
+    strides, dil, begin, end = _geometry(node, x.shape[2:], kernel)
+    ceil = bool(node.attr("ceil_mode", 0))
+    dims = list(zip(x.shape[2:], kernel, strides, dil, begin, end))
+    outs = [_out_size(*d, ceil) for d in dims]
+    # torch pads symmetrically, and by at most half a (dilated) kernel
+    native = begin == end and all(2 * p <= (k - 1) * d + 1 for _, k, _, d, p, _ in dims)
+    ends = [(o - 1) * s + (k - 1) * d + 1 - n - b for o, (n, k, s, d, b, _) in zip(outs, dims)]
+    return _Pool(kernel, strides, dil, begin, end, ceil, native, ends)
+
+
+def _max_pool(node: Node, x: torch.Tensor):
+    if node.attr("storage_order", 0):
+        raise node.unsupported("storage_order", 1)
+    p = _pool(node, x)
+    pool = _MAX_POOL[len(p.kernel)]
+    if p.native:
+        return pool(x, p.kernel, p.strides, p.begin, p.dil, ceil_mode=p.ceil)
+    x = F.pad(x, torch_pads(p.begin, p.explicit_end), value=float("-inf"))
+    return pool(x, p.kernel, p.strides, 0, p.dil)
+
+
+def _divisor(n: int, o: int, k: int, s: int, b: int, e: int, include_pad: bool) -> np.ndarray:
+    """How many elements ONNX averages over in each output window along one dim."""
+    lo, hi = (-b, n + e) if include_pad else (0, n)
+    starts = np.arange(o) * s - b
+    return np.minimum(starts + k, hi) - np.maximum(starts, lo)
+
+
+def _avg_pool(node: Node, x: torch.Tensor):
+    p = _pool(node, x)
+    if any(d != 1 for d in p.dil):
+        raise node.unsupported("dilations", p.dil)  # torch's avg_pool has none
+    include_pad, pool = bool(node.attr("count_include_pad", 0)), _AVG_POOL[len(p.kernel)]
+    if p.native:
+        return pool(x, p.kernel, p.strides, p.begin, p.ceil, count_include_pad=include_pad)
+    # sum the windows over explicit zero pads, then divide by ONNX's element counts
+    y = pool(F.pad(x, torch_pads(p.begin, p.explicit_end)), p.kernel, p.strides, 0)
+    dims = zip(x.shape[2:], y.shape[2:], p.kernel, p.strides, p.begin, p.end)
+    divisor = functools.reduce(np.multiply.outer, [_divisor(*d, include_pad) for d in dims])
+    scale = math.prod(p.kernel) / divisor
+    if np.all(scale == 1):
+        return y
+    return y * torch.from_numpy(scale.astype(np.float32)).to(dtype=y.dtype, device=y.device)
+
+
+def _global_pool(reduce) -> OpDef:
+    return OpDef(lambda node, x: reduce(x, tuple(range(2, x.ndim)), keepdim=True))
+
+
+_RESIZE_DEFAULTS = {"antialias": 0, "exclude_outside": 0, "keep_aspect_ratio_policy": "stretch"}
+_LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def _interp_mode(node: Node, nd: int, out_sizes: list[int]) -> tuple[str, bool | None]:
+    """F.interpolate's (mode, align_corners) equal to this Resize's modes, or an error."""
+    mode = node.attr("mode", "nearest")
+    ctm = node.attr("coordinate_transformation_mode", "half_pixel")
+    if ctm == "pytorch_half_pixel" and min(out_sizes) > 1:
+        ctm = "half_pixel"  # they differ only for an output size of 1
+    if mode == "nearest":
+        nearest = (ctm, node.attr("nearest_mode", "round_prefer_floor"))
+        if nearest == ("asymmetric", "floor"):
+            return "nearest", None
+        if nearest == ("half_pixel", "round_prefer_ceil"):
+            return "nearest-exact", None
+        raise node.unsupported("(coordinate_transformation_mode, nearest_mode)", nearest)
+    if ctm not in ("half_pixel", "align_corners"):
+        raise node.unsupported("coordinate_transformation_mode", ctm)
+    if mode == "linear":
+        return _LINEAR[nd], ctm == "align_corners"
+    if mode == "cubic" and nd == 2 and node.attr("cubic_coeff_a", -0.75) == -0.75:
+        return "bicubic", ctm == "align_corners"
+    raise node.unsupported("mode", mode)
+
+
+def _resize(node: Node, x: torch.Tensor, roi=None, scales=None, sizes=None):
+    for key, default in _RESIZE_DEFAULTS.items():
+        if node.attr(key, default) != default:
+            raise node.unsupported(key, node.attr(key))
+    if node.attr("axes") is not None:
+        raise node.unsupported("axes", node.attr("axes"))
+    nd = x.ndim - 2
+    if sizes is not None and sizes.size:
+        size, kwargs = ints(sizes), {"size": ints(sizes)[2:]}
+    else:
+        factors = [float(f) for f in scales.reshape(-1)]
+        size = [math.floor(n * f) for n, f in zip(x.shape, factors)]
+        kwargs = {"scale_factor": factors[2:], "recompute_scale_factor": False}
+    if nd not in _LINEAR or list(size[:2]) != list(x.shape[:2]):
+        raise node.unsupported("resized dims", size)  # torch resizes spatial dims only
+    mode, align = _interp_mode(node, nd, size[2:])
+    return F.interpolate(x, mode=mode, align_corners=align, **kwargs)
+
+
+OPS: dict[str, OpDef] = {
+    "Conv": OpDef(_conv),
+    "ConvTranspose": OpDef(_conv_transpose),
+    "MaxPool": OpDef(_max_pool),
+    "AveragePool": OpDef(_avg_pool),
+    "GlobalAveragePool": _global_pool(torch.mean),
+    "GlobalMaxPool": _global_pool(torch.amax),
+    "Resize": OpDef(_resize, static=(1, 2, 3)),
+}

@@ -1,0 +1,113 @@
+"""ONNX dense and normalization ops: Gemm, MatMul, norms, Softmax, reductions, ArgMax, TopK."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from graphc.frontends.onnx_ops import Node, OpDef, axis_of, ints
+
+
+def _gemm(node: Node, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None):
+    alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
+    trans_a, trans_b = node.attr("transA", 0), node.attr("transB", 0)
+    plain_bias = c is None or tuple(c.shape) == (b.shape[0],)
+    if (trans_a, trans_b, alpha, beta) == (0, 1, 1.0, 1.0) and plain_bias:
+        return F.linear(a, b, c)  # what nn.Linear exports: keep it a linear for the passes
+    y = (a.t() if trans_a else a) @ (b.t() if trans_b else b)
+    y = y if alpha == 1.0 else y * alpha
+    if c is None:
+        return y
+    return y + (c if beta == 1.0 else c * beta)
+
+
+def _batch_norm(node: Node, x, scale, bias, mean, var):
+    if node.attr("training_mode", 0):
+        raise node.unsupported("training_mode", 1)
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, node.attr("epsilon", 1e-5))
+
+
+def _layer_norm(node: Node, x: torch.Tensor, scale: torch.Tensor, bias=None):
+    shape = x.shape[axis_of(node, node.attr("axis", -1), x.ndim):]
+    # ONNX lets scale/bias broadcast to the normalized shape; torch wants it exact
+    scale = scale if scale.shape == shape else scale.expand(shape)
+    bias = bias if bias is None or bias.shape == shape else bias.expand(shape)
+    return F.layer_norm(x, shape, scale, bias, node.attr("epsilon", 1e-5))
+
+
+def _instance_norm(node: Node, x, scale, bias):
+    return F.instance_norm(x, weight=scale, bias=bias, eps=node.attr("epsilon", 1e-5))
+
+
+def _softmax(fn):
+    # opset 13+: a single axis (older opsets flattened to 2-D; the loader rejects them)
+    return OpDef(lambda node, x: fn(x, axis_of(node, node.attr("axis", -1), x.ndim)))
+
+
+def _prod(x: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
+    for d in sorted(dims, reverse=True):  # torch.prod takes one dim at a time
+        x = x.prod(d, keepdim=keep)
+    return x
+
+
+_REDUCERS = {
+    "ReduceMean": lambda x, d, k: x.mean(d, keepdim=k),
+    "ReduceSum": lambda x, d, k: x.sum(d, keepdim=k),
+    "ReduceMax": lambda x, d, k: x.amax(d, keepdim=k),
+    "ReduceMin": lambda x, d, k: x.amin(d, keepdim=k),
+    "ReduceProd": _prod,
+    "ReduceL1": lambda x, d, k: x.abs().sum(d, keepdim=k),
+    "ReduceL2": lambda x, d, k: (x * x).sum(d, keepdim=k).sqrt(),
+    "ReduceSumSquare": lambda x, d, k: (x * x).sum(d, keepdim=k),
+    "ReduceLogSum": lambda x, d, k: x.sum(d, keepdim=k).log(),
+    "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, d, keepdim=k),
+}
+
+
+def _reduce(fn) -> OpDef:
+    def impl(node: Node, x: torch.Tensor, axes=None):
+        # axes: an attribute up to opset 17 (ReduceSum: 12), an input from opset 18 (13)
+        axes = ints(axes) if axes is not None else node.attr("axes")
+        if not axes:
+            if node.attr("noop_with_empty_axes", 0):
+                return x
+            axes = range(x.ndim)
+        if x.ndim == 0:
+            return x
+        return fn(x, sorted({axis_of(node, a, x.ndim) for a in axes}), bool(node.attr("keepdims", 1)))
+
+    return OpDef(impl, static=(1,))
+
+
+def _arg(fn) -> OpDef:
+    def impl(node: Node, x: torch.Tensor):
+        axis, keep = axis_of(node, node.attr("axis", 0), x.ndim), bool(node.attr("keepdims", 1))
+        if not node.attr("select_last_index", 0):
+            return fn(x, axis, keepdim=keep)
+        # the last of equal extremes: search the flipped tensor, map indices back
+        return x.shape[axis] - 1 - fn(x.flip(axis), axis, keepdim=keep)
+
+    return OpDef(impl)
+
+
+def _topk(node: Node, x: torch.Tensor, k):
+    axis = axis_of(node, node.attr("axis", -1), x.ndim)
+    largest, ordered = bool(node.attr("largest", 1)), bool(node.attr("sorted", 1))
+    values, indices = torch.topk(x, int(k.item()), axis, largest, ordered)
+    return values, indices
+
+
+OPS: dict[str, OpDef] = {
+    "Gemm": OpDef(_gemm),
+    "MatMul": OpDef(lambda node, a, b: torch.matmul(a, b)),
+    "Einsum": OpDef(lambda node, *xs: torch.einsum(node.attr("equation"), *xs)),
+    "BatchNormalization": OpDef(_batch_norm),
+    "InstanceNormalization": OpDef(_instance_norm),
+    "LayerNormalization": OpDef(_layer_norm),
+    "Softmax": _softmax(F.softmax),
+    "LogSoftmax": _softmax(F.log_softmax),
+    "ArgMax": _arg(torch.argmax),
+    "ArgMin": _arg(torch.argmin),
+    "TopK": OpDef(_topk, static=(1,)),
+    **{op: _reduce(fn) for op, fn in _REDUCERS.items()},
+}
