@@ -157,28 +157,35 @@ def load_compiled(path: str | os.PathLike) -> CompiledModel:
 
 
 def render_pass_table(rows: list[dict], title: str = "") -> str:
-    """Render pass-report rows (pass, seconds, nodes, param_bytes, max_abs_err, max_rel_err)."""
+    """Render pass-report rows (pass, seconds, nodes, param_bytes, max_abs_err, max_rel_err, or
+    whatever keys the rows have, in first-seen order) as a plain-text table under `title`."""
     from rich.console import Console
     from rich.table import Table
 
-    columns = ["pass", "seconds", "nodes", "param_bytes", "max_abs_err", "max_rel_err"]
-    table = Table(title=title or None)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = Table()
     for c in columns:
-        table.add_column(c, justify="left" if c == "pass" else "right")
+        numeric = all(isinstance(r.get(c), int | float | None) for r in rows)
+        table.add_column(c, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
-    if not rows:
-        table.caption = "no pass report (meta['passes'] is empty)"
     out = io.StringIO()
-    Console(file=out, width=120, force_terminal=False, color_system=None).print(table)
+    console = Console(file=out, width=120, force_terminal=False, color_system=None)
+    if title:
+        console.print(title, soft_wrap=True, markup=False)
+    console.print(table if rows else "no pass report (meta['passes'] is empty)")
     return out.getvalue()
 
 
 def _cell(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return str(v)
     if isinstance(v, float):
         return f"{v:.3g}"
+    if isinstance(v, int):
+        return f"{v:,}"
     return str(v)
 
 

@@ -27,7 +27,7 @@ from graphc.spec import TensorSpec
 from .legalize import LEGALIZATIONS
 from .lower import import_program
 from .runtime import runner_from_executable
-from .target import resolve_target
+from .target import resolve_target, target_config
 
 Dump = Callable[[str, str], None]
 
@@ -120,7 +120,7 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
         with _phase("build", seconds, tgt):
             executable = tvm.compile(mod, tgt, relax_pipeline=tvm.transform.Sequential(
                 build_passes(tgt)))
-    info = {"target": tgt.export(), "preset": resolved.preset,
+    info = {"target": target_config(tgt), "preset": resolved.preset,
             "host_cpu": tvm.target.codegen.llvm_get_system_cpu()}
     meta = {"tvm": {"version": tvm.__version__, "phase_seconds": seconds, **info}}
     return CompiledModel(runner_from_executable(executable, info), input_specs=input_specs,

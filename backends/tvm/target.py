@@ -83,9 +83,22 @@ def _make(config: dict, what: str) -> tvm.target.Target:
         raise BackendError(f"tvm backend: invalid target {what}: {e}") from e
 
 
+def target_config(target: tvm.target.Target) -> dict:
+    """The target as plain JSON-serializable Python (export() returns TVM Map/Array objects)."""
+    return _plain(target.export())
+
+
+def _plain(v):
+    if isinstance(v, dict) or hasattr(v, "items"):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple) or (hasattr(v, "__len__") and not isinstance(v, str)):
+        return [_plain(x) for x in v]
+    return v if isinstance(v, bool | int | float | str | None) else str(v)
+
+
 def _summary(target: tvm.target.Target) -> str:
     # The interesting fields only (kind, triple, cpu, cores), in a stable order.
-    cfg = target.export()
+    cfg = target_config(target)
     keys = ("kind", "mtriple", "mcpu", "mattr", "num-cores")
     return " ".join(f"{k}={_fmt(cfg[k])}" if k != "kind" else str(cfg[k])
                     for k in keys if cfg.get(k) not in (None, "", (), []))
