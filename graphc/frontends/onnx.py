@@ -99,7 +99,8 @@ def _input_shape(vi: onnx.ValueInfoProto, given: dict) -> tuple[int, ...]:
                                 f"declared shape {['?' if d is None else d for d in declared]}")
         return shape
     if not t.HasField("shape") or None in declared:
-        dims = [d.dim_param or "?" for d in t.shape.dim] if t.HasField("shape") else "unknown"
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+                for d in t.shape.dim] if t.HasField("shape") else "unknown"
         raise FrontendError(
             f"input '{vi.name}' has dynamic shape {dims}; graphc compiles for static shapes: "
             f"pass input_shapes={{'{vi.name}': (...)}} to load_onnx"
@@ -196,7 +197,7 @@ class OnnxModule(torch.nn.Module):
             for i, p in enumerate(graph.node)
         ]
         env = self._initial_env(inits)
-        self._plan = [node for node in nodes if self._plan_node(node, env)]
+        self._plan = [node for node in nodes if self._plan_node(node, env, inits)]
         self._attr = self._register(inits, env)
 
     def _initial_env(self, inits: dict) -> dict:
@@ -209,7 +210,7 @@ class OnnxModule(torch.nn.Module):
                 arr.shape, device="meta")
         return env
 
-    def _plan_node(self, node: Node, env: dict) -> bool:
+    def _plan_node(self, node: Node, env: dict, inits: dict) -> bool:
         """Evaluate a node at load time (folded, or on meta tensors); True if forward runs it."""
         opdef = op_table().get(node.op_type) if node.domain in _DEFAULT_DOMAINS else None
         if opdef is None:
@@ -219,6 +220,9 @@ class OnnxModule(torch.nn.Module):
         if missing:
             raise FrontendError(f"{node}: input '{missing[0]}' is not produced by any node")
         vals = [env[n] if n else None for n in node.inputs]
+        for i in opdef.static:  # a float weight used as, e.g., Resize scales is a constant there
+            if i < len(vals) and node.inputs[i] in inits:
+                vals[i] = inits[node.inputs[i]]
         node.consts = {i: v for i, v in enumerate(vals) if isinstance(v, np.ndarray)}
         if all(v is None or isinstance(v, np.ndarray) for v in vals):
             outs = _guard(node, lambda: _fold(node, opdef, vals))
@@ -240,19 +244,22 @@ class OnnxModule(torch.nn.Module):
     def _register(self, inits: dict, env: dict) -> dict[str, str]:
         """Register the params/buffers forward reads; returns ONNX name -> attribute name."""
         produced = set(self.input_names)
-        used = []
+        used, stats = [], set()
         for node in self._plan:
             used += [n for i, n in enumerate(node.inputs) if n and i not in node.bound]
+            stats.update(node.inputs[i] for i in op_table()[node.op_type].stats
+                         if i < len(node.inputs))
             produced.update(n for n in node.outputs if isinstance(env.get(n), torch.Tensor))
         taken, attrs = set(dir(self)), {}
         for name in dict.fromkeys(used + self.output_names):
             if name in produced:
                 continue
             attrs[name] = attr = _attr_name(name, taken)
-            if name in inits and _is_float(inits[name]):
-                self.register_parameter(attr, torch.nn.Parameter(to_torch(inits[name])))
+            value = to_torch(inits[name] if name in inits else env[name])
+            if name in inits and value.is_floating_point() and name not in stats:
+                self.register_parameter(attr, torch.nn.Parameter(value))
             else:
-                self.register_buffer(attr, to_torch(env[name]))
+                self.register_buffer(attr, value)
         return attrs
 
     def _tensor(self, name: str, env: dict) -> torch.Tensor:

@@ -81,6 +81,7 @@ class OpDef:
     static: tuple[int, ...] = ()
     scalars: tuple[int, ...] = ()
     fold_only: bool = False  # output shape depends on data: only foldable at load time
+    stats: tuple[int, ...] = ()  # inputs that are statistics, not weights: buffers, never trained
 
 
 def decode_attrs(proto: onnx.NodeProto) -> dict[str, Any]:

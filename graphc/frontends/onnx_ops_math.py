@@ -17,7 +17,9 @@ def _is_float(v) -> bool:
 
 def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
     # Only for the rare number-first integer op: most torch functions want a tensor first.
-    return v if isinstance(v, torch.Tensor) else torch.full((), v, dtype=like.dtype, device=like.device)
+    if isinstance(v, torch.Tensor):
+        return v
+    return torch.full((), v, dtype=like.dtype, device=like.device)
 
 
 def _div(node: Node, a, b):

@@ -74,7 +74,8 @@ def _reduce(fn) -> OpDef:
             axes = range(x.ndim)
         if x.ndim == 0:
             return x
-        return fn(x, sorted({axis_of(node, a, x.ndim) for a in axes}), bool(node.attr("keepdims", 1)))
+        dims = sorted({axis_of(node, a, x.ndim) for a in axes})
+        return fn(x, dims, bool(node.attr("keepdims", 1)))
 
     return OpDef(impl, static=(1,))
 
@@ -101,7 +102,7 @@ OPS: dict[str, OpDef] = {
     "Gemm": OpDef(_gemm),
     "MatMul": OpDef(lambda node, a, b: torch.matmul(a, b)),
     "Einsum": OpDef(lambda node, *xs: torch.einsum(node.attr("equation"), *xs)),
-    "BatchNormalization": OpDef(_batch_norm),
+    "BatchNormalization": OpDef(_batch_norm, stats=(3, 4)),  # running mean and var
     "InstanceNormalization": OpDef(_instance_norm),
     "LayerNormalization": OpDef(_layer_norm),
     "Softmax": _softmax(F.softmax),
