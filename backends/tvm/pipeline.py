@@ -35,8 +35,8 @@ Dump = Callable[[str, str], None]
 def optimize_passes(target: tvm.target.Target) -> list:
     """Relax -> fused Relax calling unscheduled TIR kernels."""
     return [
-        # batch_norm (inference) and friends become arithmetic that FoldConstant folds with
-        # the constant weights, instead of an opaque op evaluated at run time.
+        # batch_norm (inference) becomes elementwise arithmetic that FuseOps fuses into the
+        # conv before it (as the conv's epilogue) and FoldConstant partly folds (sqrt(var+eps)).
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.backend.DispatchSampling(),
@@ -104,19 +104,18 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
     """Compile a core-ATen ExportedProgram for a CPU target with TVM."""
     resolved = resolve_target(target)
     tgt = resolved.target
-    dump = dump or (lambda stage, text: None)
     seconds: dict[str, float] = {}
     with _phase("import", seconds, tgt):
         mod = import_program(ep)
         _check_signature(mod, input_specs, output_specs)
-    dump("relax", mod.script())
+    _dump(dump, "relax", mod.script)
     with tvm.transform.PassContext(opt_level=3), tgt:
         with _phase("optimize", seconds, tgt):
             mod = tvm.transform.Sequential(optimize_passes(tgt))(mod)
-        dump("relax-opt", mod.script())
+        _dump(dump, "relax-opt", mod.script)
         with _phase("schedule", seconds, tgt):
             mod = tvm.transform.Sequential(schedule_passes(tgt))(mod)
-        dump("tir", _tir_script(mod))
+        _dump(dump, "tir", lambda: _tir_script(mod))
         with _phase("build", seconds, tgt):
             executable = tvm.compile(mod, tgt, relax_pipeline=tvm.transform.Sequential(
                 build_passes(tgt)))
@@ -140,6 +139,12 @@ def _phase(name: str, seconds: dict, target: tvm.target.Target):
         raise BackendError(f"tvm backend: phase '{name}' failed for target {target}: "
                            f"{type(e).__name__}: {e}") from e
     seconds[name] = round(time.perf_counter() - start, 4)
+
+
+def _dump(dump: Dump | None, stage: str, text: Callable[[], str]) -> None:
+    # Printing TVMScript of a large model takes seconds: only when someone listens.
+    if dump is not None:
+        dump(stage, text())
 
 
 def _tir_script(mod: tvm.IRModule) -> str:
