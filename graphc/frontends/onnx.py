@@ -23,6 +23,7 @@ import re
 
 import numpy as np
 import onnx
+import onnx.inliner
 import torch
 from onnx import numpy_helper
 
@@ -52,27 +53,31 @@ def load_onnx(
     for static shapes), e.g. ``{"input_ids": (1, 128)}``.
     """
     proto = _parse(model)
-    opset = _check(proto)
+    # the checker reads a path itself: that handles external data and models over 2 GB
+    opset = _check(proto, model if isinstance(model, (str, os.PathLike)) else proto)
+    if proto.functions:  # model-local functions: inline them, the op table has ONNX ops only
+        proto = onnx.inliner.inline_local_functions(proto)
     return OnnxModule(proto, opset, input_shapes or {})
 
 
 def _parse(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
-        return model
-    what = "the given bytes" if isinstance(model, bytes) else f"'{os.fspath(model)}'"
-    try:
-        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
-    except OSError as e:
-        raise FrontendError(f"could not read {what}: {e}") from e
-    except Exception as e:  # protobuf raises DecodeError and friends on garbage
-        raise FrontendError(f"could not parse {what} as an ONNX model: {e}") from e
+        proto, what = model, "the given ModelProto"
+    else:
+        what = "the given bytes" if isinstance(model, bytes) else f"'{os.fspath(model)}'"
+        try:
+            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+        except OSError as e:
+            raise FrontendError(f"could not read {what}: {e}") from e
+        except Exception as e:  # protobuf raises DecodeError and friends on garbage
+            raise FrontendError(f"could not parse {what} as an ONNX model: {e}") from e
     if not proto.HasField("graph") or not proto.opset_import:
         # protobuf happily decodes many byte strings into an empty message
         raise FrontendError(f"could not parse {what} as an ONNX model: it has no graph or opset")
     return proto
 
 
-def _check(proto: onnx.ModelProto) -> int:
+def _check(proto: onnx.ModelProto, checkable) -> int:
     """The model's default-domain opset, after rejecting old opsets and invalid models."""
     opset = next((o.version for o in proto.opset_import if o.domain in _DEFAULT_DOMAINS), None)
     if opset is None or opset < MIN_OPSET:
@@ -82,7 +87,7 @@ def _check(proto: onnx.ModelProto) -> int:
             f"onnx.version_converter.convert_version(model, {MIN_OPSET})"
         )
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(checkable)
     except Exception as e:
         raise FrontendError(f"invalid ONNX model (onnx.checker): {e}") from e
     return opset
@@ -206,8 +211,8 @@ class OnnxModule(torch.nn.Module):
         for name, arr in inits.items():
             # one-element floats stay static too: exporters compute sizes with them
             static = not _is_float(arr) or arr.size == 1
-            env[name] = arr if static else to_torch(arr.reshape(-1)[:0]).new_empty(
-                arr.shape, device="meta")
+            dtype = to_torch(arr.reshape(-1)[:0]).dtype  # without copying a large weight
+            env[name] = arr if static else torch.empty(arr.shape, dtype=dtype, device="meta")
         return env
 
     def _plan_node(self, node: Node, env: dict, inits: dict) -> bool:

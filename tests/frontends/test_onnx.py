@@ -32,7 +32,9 @@ def max_error(got: np.ndarray, want: np.ndarray) -> float:
     """Max abs difference; equal infinities and NaN against NaN count as exact."""
     got, want = got.astype(np.float64), want.astype(np.float64)
     same = (got == want) | (np.isnan(got) & np.isnan(want))
-    return float(np.where(same, 0.0, np.nan_to_num(np.abs(got - want), nan=np.inf)).max(initial=0))
+    with np.errstate(invalid="ignore"):  # inf - inf
+        diff = np.nan_to_num(np.abs(got - want), nan=np.inf)
+    return float(np.where(same, 0.0, diff).max(initial=0))
 
 
 def check(model, feeds: dict[str, np.ndarray], input_shapes=None, tol=TOL) -> float:
@@ -79,9 +81,12 @@ def test_bert_with_dynamic_dims_folds_shape_arithmetic(dynamo, tmp_path):
     om.export(model, inputs, names, path, dynamo=dynamo, dynamic_dims={0: "batch", 1: "seq"})
     ops = {n.op_type for n in onnx.load(path).graph.node}
     assert "Shape" in ops  # the export really computes shapes at run time
-    feeds = {n: x.numpy() for n, x in zip(names, inputs)}
-    shapes = {n: tuple(x.shape) for n, x in zip(names, inputs)}
-    check(path, feeds, input_shapes=shapes)
+    for batch, seq in [(2, 8), (3, 5)]:  # the export's own shape, and another one
+        ids = np.random.default_rng(seq).integers(0, 100, (batch, seq))
+        mask = np.ones((batch, seq), np.int64)
+        mask[0, seq // 2:] = 0
+        feeds = dict(zip(names, [ids, mask]))
+        check(path, feeds, input_shapes={n: (batch, seq) for n in names})
     with pytest.raises(FrontendError, match=r"input 'input_ids' has dynamic shape.*input_shapes="):
         load_onnx(path)
 
@@ -198,6 +203,17 @@ NODE_CASES = [
      {"to": onnx.TensorProto.INT64}, (), 1, 17),
     ("round_half_even", "Round", {"x": np.array([0.5, 1.5, 2.5, -0.5, -1.5], np.float32)},
      {}, (), 1, 17),
+    ("quantize_uint8", "QuantizeLinear", {"x": 3 * f32(2, 5), "s": scalar(0.02),
+                                          "z": scalar(128, np.uint8)}, {}, ("s", "z"), 1, 17),
+    ("quantize_int8_per_axis", "QuantizeLinear", {"x": f32(2, 3, 4), "s": np.array(
+        [0.01, 0.02, 0.05], np.float32), "z": np.array([0, -3, 5], np.int8)}, {}, ("s", "z"),
+     1, 17),
+    ("dequantize_int8_weight_per_axis", "DequantizeLinear", {"w": np.arange(-12, 12).astype(
+        np.int8).reshape(4, 6), "s": np.array([0.1, 0.2, 0.3, 0.4], np.float32), "z": None},
+     {"axis": 0}, ("w", "s"), 1, 17),
+    ("dequantize_uint8", "DequantizeLinear", {"q": np.arange(0, 250, 10).astype(np.uint8),
+                                              "s": scalar(0.05), "z": scalar(100, np.uint8)},
+     {}, ("s", "z"), 1, 17),
     ("max_variadic", "Max", {"a": f32(2, 3), "b": f32(3), "c": f32(2, 1)}, {}, (), 1, 17),
     ("mean_variadic", "Mean", {"a": f32(2, 3), "b": f32(3), "c": f32(2, 1)}, {}, (), 1, 17),
     ("reduce_mean_axes_attr", "ReduceMean", {"x": f32(2, 3, 4)}, {"axes": [1], "keepdims": 0},
@@ -390,6 +406,16 @@ def test_load_accepts_path_bytes_and_proto(tmp_path):
     outs = [load_onnx(m)(x)[0] for m in (model, model.SerializeToString(), path, str(path))]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0])
+
+
+def test_model_local_functions_are_inlined():
+    body = [helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Neg", ["r"], ["b"])]
+    fn = helper.make_function("local", "NegRelu", ["a"], ["b"], body,
+                              [helper.make_opsetid("", 17)])
+    model = om.graph_model([helper.make_node("NegRelu", ["x"], ["y"], domain="local")],
+                           {"x": f32(3, 4)}, {}, ["y"])
+    model.functions.append(fn)
+    check(model, {"x": f32(3, 4)})
 
 
 # ---------------------------------------------------------------- errors
