@@ -6,8 +6,16 @@
 
 from graphc import passes  # noqa: F401  (registers the built-in passes)
 from graphc.api import compile, lower, trace
-from graphc.errors import (BackendError, FrontendError, GraphcError, InputError, PassError,
-                           UnsupportedOpError, VerifyError)
+from graphc.errors import (
+    ArtifactError,
+    BackendError,
+    FrontendError,
+    GraphcError,
+    InputError,
+    PassError,
+    UnsupportedOpError,
+    VerifyError,
+)
 from graphc.ir import Graph
 from graphc.pass_manager import PASSES, parse_pipeline, register_pass
 from graphc.pipeline import run_pipeline
@@ -23,8 +31,24 @@ def load(path):
 
 
 __all__ = [
-    "compile", "trace", "lower", "load", "run_pipeline", "register_pass", "parse_pipeline",
-    "PASSES", "Graph", "TensorSpec", "verify", "GraphcError", "FrontendError",
-    "UnsupportedOpError", "PassError", "VerifyError", "BackendError", "InputError",
+    "PASSES",
+    "ArtifactError",
+    "BackendError",
+    "FrontendError",
+    "Graph",
+    "GraphcError",
+    "InputError",
+    "PassError",
+    "TensorSpec",
+    "UnsupportedOpError",
+    "VerifyError",
+    "compile",
+    "load",
+    "lower",
+    "parse_pipeline",
+    "register_pass",
+    "run_pipeline",
+    "trace",
+    "verify",
 ]
 __version__ = "0.1.0"

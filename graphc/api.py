@@ -64,7 +64,8 @@ def lower(g: Graph, *, target="cpu", dump: Dumper | None = None):
     """Graph -> CompiledModel through the backend that `target` names."""
     ep = torch.export.export(g.gm, g.example_inputs, strict=False)
     dump_fn = (lambda stage, text: dump.text(stage, text, ext="py")) if dump else None
-    kwargs = dict(input_specs=g.inputs, output_specs=g.outputs, single_output=g.single_output)
+    kwargs = {"input_specs": g.inputs, "output_specs": g.outputs,
+              "single_output": g.single_output}
     if target == "torch":
         from graphc.backends.torch_backend import build as build_torch
 

@@ -12,7 +12,6 @@ benchmarking, the pass report, and the one-file artifact format:
 from __future__ import annotations
 
 import importlib
-import io
 import json
 import os
 import tempfile
@@ -25,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from graphc.errors import GraphcError, InputError
+from graphc.errors import ArtifactError, GraphcError, InputError
 from graphc.spec import TensorSpec, check_inputs
 
 FORMAT = "graphc-compiled"
@@ -37,10 +36,6 @@ RUNNER_LOADERS = {
     "tvm": "graphc.backends.tvm.runtime:load_runner",
     "torch": "graphc.backends.torch_backend:load_runner",
 }
-
-
-class ArtifactError(GraphcError):
-    """A file is not a graphc artifact, is corrupt, or was written by an incompatible graphc."""
 
 
 class Runner(Protocol):
@@ -106,7 +101,9 @@ class CompiledModel:
 
     def report(self) -> str:
         """The per-pass report rows in meta["passes"] as a printable table."""
-        return render_pass_table(self.meta.get("passes") or [], title=repr(self))
+        from graphc.report import passes_table
+
+        return passes_table(self.meta.get("passes") or [], title=repr(self))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one file (a zip) that load_compiled(path) reads back, in any process."""
@@ -154,39 +151,6 @@ def load_compiled(path: str | os.PathLike) -> CompiledModel:
         output_specs=[TensorSpec.from_json(d) for d in header["output_specs"]],
         single_output=header["single_output"], target=header["target"],
         backend=header["backend"], meta=header.get("meta", {}))
-
-
-def render_pass_table(rows: list[dict], title: str = "") -> str:
-    """Render pass-report rows (pass, seconds, nodes, param_bytes, max_abs_err, max_rel_err, or
-    whatever keys the rows have, in first-seen order) as a plain-text table under `title`."""
-    from rich.console import Console
-    from rich.table import Table
-
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    table = Table()
-    for c in columns:
-        numeric = all(isinstance(r.get(c), int | float | None) for r in rows)
-        table.add_column(c, justify="right" if numeric else "left")
-    for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    out = io.StringIO()
-    console = Console(file=out, width=120, force_terminal=False, color_system=None)
-    if title:
-        console.print(title, soft_wrap=True, markup=False)
-    console.print(table if rows else "no pass report (meta['passes'] is empty)")
-    return out.getvalue()
-
-
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
 
 
 def _check_kinds(specs: list[TensorSpec], inputs: tuple) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 DEMO_PASSES = "fold-batchnorm, constant-folding, dead-code-elimination"
 

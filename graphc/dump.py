@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import networkx as nx
-import torch.fx as fx
+from torch import fx
 
 from graphc.ir import Graph, op_name, spec_text
 from graphc.printer import format_graph
@@ -62,10 +62,9 @@ def graph_svg(g: Graph) -> str:
             pos[name] = (i * (_BOX_W + _GAP_X) + _GAP_X, y)
         y += max(_height(dg.nodes[n]["label"]) for n in layer) + _GAP_Y
     width = max(x for x, _ in pos.values()) + _BOX_W + _GAP_X
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" '
-             f'font-family="monospace" font-size="11">',
-             '<defs><marker id="a" markerWidth="8" markerHeight="8" refX="8" refY="4" '
-             'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#666"/></marker></defs>',
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" '
+           f'font-family="monospace" font-size="11">')
+    parts = [svg, _ARROW,
              f"<title>{html.escape(g.name)}</title>"]
     for src, dst in dg.edges:
         (x1, y1), (x2, y2) = pos[src], pos[dst]
@@ -88,6 +87,8 @@ def _height(label: list[str]) -> int:
     return 10 + 13 * len(label)
 
 
+_ARROW = ('<defs><marker id="a" markerWidth="8" markerHeight="8" refX="8" refY="4" '
+          'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#666"/></marker></defs>')
 _FILL = {"placeholder": "#dfd", "get_attr": "#eee", "output": "#fdd", "call_function": "#eef"}
 
 

@@ -29,3 +29,7 @@ class BackendError(GraphcError):
 
 class InputError(GraphcError):
     """A compiled model or graph was called with inputs of the wrong count, shape or dtype."""
+
+
+class ArtifactError(GraphcError):
+    """A file is not a graphc artifact, is corrupt, or was written by an incompatible graphc."""

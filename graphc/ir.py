@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphc.spec import TensorSpec, check_inputs, dtype_name
 
@@ -42,14 +42,14 @@ class Graph:
             return self(*self.example_inputs)
 
     # ---- copying -------------------------------------------------------------------
-    def copy(self) -> "Graph":
+    def copy(self) -> Graph:
         """A new Graph with its own fx graph; weight tensors are shared, not copied."""
         new_graph = copy.deepcopy(self.gm.graph)
         gm = fx.GraphModule(self.gm, new_graph, class_name=self.gm.__class__.__name__)
         return Graph(gm, list(self.inputs), list(self.outputs), self.example_inputs,
                      self.name, self.single_output, dict(self.meta))
 
-    def with_graph(self, graph: fx.Graph, root: torch.nn.Module | None = None) -> "Graph":
+    def with_graph(self, graph: fx.Graph, root: torch.nn.Module | None = None) -> Graph:
         """A Graph with this one's specs around a new fx graph (root defaults to ours)."""
         graph.lint()
         gm = fx.GraphModule(root if root is not None else self.gm, graph)

@@ -11,8 +11,8 @@ import ast
 import inspect
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from graphc.errors import PassError
 from graphc.ir import Graph

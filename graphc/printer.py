@@ -13,7 +13,7 @@ Two traces of the same model print the same text, so IR dumps diff cleanly.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphc.ir import Graph, op_name, spec_text
 from graphc.spec import dtype_name

@@ -20,6 +20,8 @@ def render(table: Table) -> str:
 
 def passes_table(rows: list[dict], title: str = "passes") -> str:
     """The pipeline's per-pass records (PassRecord.row()) as a table."""
+    if not rows:
+        return f"{title}\n(no passes were run)"
     t = Table(title=title)
     for col in ("step", "time ms", "nodes", "params", "param bytes", "max abs err",
                 "max rel err"):

@@ -11,11 +11,11 @@ None when the rewrite is safe or a sentence saying why not; `rewrite(graph, m)` 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphc.ir import Graph
 

@@ -41,11 +41,11 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
 
     @staticmethod
-    def from_json(d: dict) -> "TensorSpec":
+    def from_json(d: dict) -> TensorSpec:
         return TensorSpec(d["name"], tuple(d["shape"]), DTYPES_BY_NAME[d["dtype"]])
 
     @staticmethod
-    def of(name: str, t: torch.Tensor) -> "TensorSpec":
+    def of(name: str, t: torch.Tensor) -> TensorSpec:
         return TensorSpec(name, tuple(t.shape), t.dtype)
 
     def example(self, seed: int = 0) -> torch.Tensor:

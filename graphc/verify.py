@@ -8,7 +8,7 @@ fake-tensor shape propagation succeeds; outputs keep the shapes and dtypes the g
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 

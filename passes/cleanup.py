@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphc.ir import Graph, fetch_attr
 from graphc.pass_manager import register_pass
@@ -65,7 +65,6 @@ def _fold(g: Graph, node: fx.Node, env: dict, max_growth: int) -> torch.Tensor |
 def _foldable(node: fx.Node) -> bool:
     if node.op != "call_function" or node.is_impure():
         return False
-    if isinstance(node.target, torch._ops.OpOverload) and (
-            torch.Tag.nondeterministic_seeded in node.target.tags):
-        return False  # random ops must stay random
-    return True
+    # random ops must stay random
+    return not (isinstance(node.target, torch._ops.OpOverload)
+                and torch.Tag.nondeterministic_seeded in node.target.tags)

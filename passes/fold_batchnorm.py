@@ -15,7 +15,7 @@ import logging
 import operator
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphc.ir import Graph
 from graphc.pass_manager import register_pass
@@ -43,7 +43,6 @@ def _check(g: Graph, m) -> str | None:
         return "batchnorm's mean/var outputs are used; only its normalized output may be"
     if only_user(producer) is not bn:
         return f"%{producer.name} has other users, folding would change them"
-    _, _, _, mean, var = bn.args[:5]
     for name, arg in zip(("weight", "bias", "running_mean", "running_var"), bn.args[1:5]):
         if arg is not None and not is_weight(arg):
             return f"batchnorm {name} (%{arg}) is computed, not a constant weight"

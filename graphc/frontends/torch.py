@@ -13,7 +13,7 @@ import re
 import traceback
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.export.graph_signature import InputKind, OutputKind
 
 from graphc.errors import FrontendError

@@ -15,14 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tvm
-from graphc.backends import torch_backend
-from graphc.backends.tvm import LOWERINGS, PRESETS, build, register_lowering
-from graphc.backends.tvm.lower import op_key
 from torch import nn
 from tvm import relax
 
+from graphc.backends import torch_backend
+from graphc.backends.tvm import LOWERINGS, PRESETS, build, register_lowering
+from graphc.backends.tvm.lower import op_key
 from graphc.compiled import ArtifactError, CompiledModel, load_compiled
 from graphc.errors import BackendError, GraphcError, InputError, UnsupportedOpError
+from graphc.pipeline import PassRecord
 from graphc.spec import TensorSpec
 
 TOL = 1e-4  # fp32, against PyTorch eager
@@ -437,13 +438,11 @@ def test_benchmark_stats(compiled):
 def test_report_renders_pass_rows(compiled):
     _, _, cm = compiled("mlp")
     cm.meta["passes"] = [
-        {"pass": "input", "seconds": 0.0, "nodes": 12, "param_bytes": 4096,
-         "max_abs_err": 0.0, "max_rel_err": 0.0},
-        {"pass": "fold-batchnorm", "seconds": 0.0123, "nodes": 9, "param_bytes": 4000,
-         "max_abs_err": 1.5e-7, "max_rel_err": 2e-7},
+        PassRecord("input", 0.0, 12, 1024, 4096, 0.0, 0.0, False).row(),
+        PassRecord("fold-batchnorm", 0.0123, 9, 1000, 4000, 1.5e-7, 2e-7, True).row(),
     ]
     text = cm.report()
-    assert "fold-batchnorm" in text and "1.5e-07" in text and "4,096" in text
+    assert "fold-batchnorm" in text and "1.50e-07" in text and "4,096" in text
     assert "backend=tvm" in text
 
 

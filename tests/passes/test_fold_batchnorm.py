@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import graphc
 from graphc.passes.fold_batchnorm import fold_batchnorm, fold_batchnorm_rules
@@ -45,8 +45,9 @@ def test_printed_ir_before_and_after():
     assert str(out).splitlines()[2:] == [
         "  %convolution_folded_weight: f32[3, 2, 1, 1] = param convolution_folded_weight",
         "  %convolution_folded_bias: f32[3] = param convolution_folded_bias",
-        "  %convolution: f32[1, 3, 4, 4] = aten.convolution(%input_1, %convolution_folded_weight, "
-        "%convolution_folded_bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)",
+        ("  %convolution: f32[1, 3, 4, 4] = aten.convolution(%input_1, "
+         "%convolution_folded_weight, %convolution_folded_bias, [1, 1], [0, 0], [1, 1], False, "
+         "[0, 0], 1)"),
         "  return (%convolution)",
         "}",
     ]
@@ -80,9 +81,9 @@ def test_refuses_when_the_conv_output_has_other_users():
     g = graphc.trace(m, x)
     out, misses = apply_rules(g, fold_batchnorm_rules)
     assert out is g and fold_batchnorm(g) is g
+    bn = next(n.name for n in g.gm.graph.nodes if "batch_norm" in str(n.target))
     assert [str(mi) for mi in misses] == [
-        f"conv-bn at %{next(n.name for n in g.gm.graph.nodes if n.target is not None and 'batch_norm' in str(n.target))}: "
-        "%convolution has other users, folding would change them"]
+        f"conv-bn at %{bn}: %convolution has other users, folding would change them"]
 
 
 def test_refuses_transposed_convolution():
