@@ -75,6 +75,17 @@ def test_exported_network(net, dynamo, tmp_path):
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_exporter_idioms(dynamo, tmp_path):
+    model, (x,), names = om.idioms_cnn()
+    path = tmp_path / "idioms.onnx"
+    # the dynamo export gets a dynamic batch dim; the torchscript one traces x.size(0)
+    om.export(model, (x,), names, path, dynamo=dynamo, dynamic_dims={0: "batch"} if dynamo else None)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"Resize", "AveragePool", "Shape"} <= ops
+    check(path, {"x": x.numpy()}, input_shapes={"x": tuple(x.shape)})
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_bert_with_dynamic_dims_folds_shape_arithmetic(dynamo, tmp_path):
     model, inputs, names = om.bert_encoder()
     path = tmp_path / "bert_dynamic.onnx"

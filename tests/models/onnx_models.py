@@ -126,6 +126,33 @@ def bert_encoder() -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str]]:
     return _Bert(model), (ids, mask), ["input_ids", "attention_mask"]
 
 
+class IdiomsCNN(nn.Module):
+    """Exporter idioms in one small net: chunk (Split), nearest/bilinear interpolate (Resize),
+    ceil-mode avg pool, adaptive pool, size-derived reshape, argmax/cumsum/max heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)
+        self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8 * 9, 5)
+
+    def forward(self, x):
+        a, b = nn.functional.relu(self.bn(self.c1(x))).chunk(2, dim=1)
+        y = self.c2(a * torch.sigmoid(b))
+        y = (nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+             + nn.functional.interpolate(y, size=(16, 16), mode="bilinear"))
+        y = nn.functional.adaptive_avg_pool2d(self.pool(y), 3)
+        t = self.ln(y.flatten(2).transpose(1, 2)).reshape(x.size(0), -1)
+        out = self.fc(t)
+        return out.log_softmax(-1), out.argmax(-1), out.cumsum(1), out.max(dim=1).values
+
+
+def idioms_cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str]]:
+    torch.manual_seed(0)
+    return _randomize(IdiomsCNN()), (torch.randn(2, 3, 16, 16),), ["x"]
+
+
 def export(model: nn.Module, inputs: tuple, names: list[str], path, *, dynamo: bool,
            dynamic_dims: dict[int, str] | None = None) -> None:
     """torch.onnx.export with either exporter; dynamic_dims marks dims of every input dynamic."""
