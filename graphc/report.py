@@ -22,14 +22,14 @@ def passes_table(rows: list[dict], title: str = "passes") -> str:
     """The pipeline's per-pass records (PassRecord.row()) as a table."""
     if not rows:
         return f"{title}\n(no passes were run)"
-    t = Table(title=title)
+    t = Table()
     for col in ("step", "time ms", "nodes", "params", "param bytes", "max abs err",
                 "max rel err"):
         t.add_column(col, justify="left" if col == "step" else "right")
     for r in rows:
         t.add_row(r["step"], f"{r['seconds'] * 1e3:.1f}", str(r["nodes"]), f"{r['params']:,}",
                   f"{r['param_bytes']:,}", f"{r['max_abs_err']:.2e}", f"{r['max_rel_err']:.2e}")
-    return render(t)
+    return f"{title}\n{render(t)}"  # the title on its own line: rich would wrap it
 
 
 def inspect_text(g: Graph, source=None) -> str:
