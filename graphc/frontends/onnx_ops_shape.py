@@ -59,6 +59,8 @@ def _squeeze(node: Node, x: torch.Tensor, axes: np.ndarray | None = None):
         dims = [i for i, d in enumerate(x.shape) if d == 1]
     else:
         dims = [axis_of(node, a, x.ndim) for a in ints(axes)]
+        if any(x.shape[d] != 1 for d in dims):  # torch would silently keep such a dim
+            raise FrontendError(f"{node}: cannot squeeze dims {dims} of shape {list(x.shape)}")
     return x.squeeze(tuple(dims)) if dims else x
 
 

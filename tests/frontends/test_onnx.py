@@ -335,6 +335,16 @@ def test_single_op(op, values, attrs, inits, outputs, opset):
     check(model, feeds)
 
 
+def test_tensors_made_at_run_time_follow_the_inputs_device():
+    """Constants an op creates (masks, pool divisors, index offsets) live on the inputs'
+    device; the meta device stands in for a GPU: mixing it with CPU tensors fails."""
+    for _, op, values, attrs, inits, outputs, opset in NODE_CASES:
+        model = om.node_model(op, values, attrs, inits=inits, outputs=outputs, opset=opset)
+        module = load_onnx(model).to("meta")
+        outs = module(*(x.to("meta") for x in module.example_inputs()))
+        assert all(o.device.type == "meta" for o in outs if o.numel()), op
+
+
 # ---------------------------------------------------------------- shape arithmetic folds
 
 def _shape_arithmetic_model(x_shape: list) -> onnx.ModelProto:
