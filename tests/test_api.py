@@ -86,3 +86,22 @@ def test_wrong_input_shape_on_call():
     with pytest.raises(graphc.InputError, match=r"input 'x' expects x: f32\[4, 20\], got "
                                                  r"x: f32\[5, 20\]"):
         cm(torch.randn(5, 20))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_onnx_models_compile_and_match_onnxruntime(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    m, x = build(name)
+    path = tmp_path / f"{name}.onnx"
+    names = [f"in{i}" for i in range(len(x))]
+    # keep BatchNormalization nodes in the file, so fold-batchnorm has work to do
+    torch.onnx.export(m, x, str(path), input_names=names, dynamo=False,
+                      do_constant_folding=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {n: t.numpy() for n, t in zip(names, x)}
+    (ref,) = sess.run(None, feeds)
+    cm = graphc.compile(path, target="cpu", passes=PASSES, verify=True)
+    assert [s.name for s in cm.input_specs] == names
+    (out,) = cm(*feeds.values())  # ONNX graphs return a list of outputs, as onnxruntime does
+    assert isinstance(out, np.ndarray)
+    assert np.abs(out - ref).max() < 1e-4
