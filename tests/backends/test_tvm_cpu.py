@@ -25,6 +25,7 @@ from graphc.compiled import ArtifactError, CompiledModel, load_compiled
 from graphc.errors import BackendError, GraphcError, InputError, UnsupportedOpError
 from graphc.pipeline import PassRecord
 from graphc.spec import TensorSpec
+from tests.models.zoo import randomize_batchnorm
 
 TOL = 1e-4  # fp32, against PyTorch eager
 
@@ -87,16 +88,6 @@ class TwoHeads(nn.Module):
         return y.relu(), y.sum(dim=1)
 
 
-def _random_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, or BN is an identity
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
 def _pad_mask() -> torch.Tensor:
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[1, 4:] = True
@@ -137,7 +128,7 @@ def compiled():
         if name not in cache:
             torch.manual_seed(0)
             factory, make_inputs = MODELS[name]
-            model, inputs = _random_bn(factory()), make_inputs()
+            model, inputs = randomize_batchnorm(factory()), make_inputs()
             cache[name] = (model, inputs, compile_model(model, inputs))
         return cache[name]
 
@@ -338,7 +329,7 @@ def test_convolutions_are_left_to_the_default_schedule():
         if stage == "tir":
             funcs.update(_split_prim_funcs(text))
 
-    compile_model(_random_bn(ConvNet()), (torch.randn(2, 3, 16, 16),), dump=keep_tir)
+    compile_model(randomize_batchnorm(ConvNet()), (torch.randn(2, 3, 16, 16),), dump=keep_tir)
     conv = [body for name, body in funcs.items() if "conv" in name]
     others = [body for name, body in funcs.items() if "matmul" in name]
     assert conv and all("is_scheduled" not in body for body in conv)

@@ -15,6 +15,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from tests.models.zoo import randomize_batchnorm
+
 
 def node_model(op_type: str, values: dict[str, np.ndarray | None], attrs: dict | None = None, *,
                inits: tuple[str, ...] = (), outputs: int = 1, opset: int = 17,
@@ -63,12 +65,7 @@ def _randomize(model: nn.Module) -> nn.Module:
             nn.init.kaiming_normal_(m.weight)
             if m.bias is not None:
                 nn.init.uniform_(m.bias, -0.1, 0.1)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.0)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return randomize_batchnorm(model)
 
 
 class _Outputs(nn.Module):

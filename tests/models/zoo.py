@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
     """Non-trivial batchnorm statistics, so folding them is really tested."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -100,4 +100,4 @@ MODELS = {
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
     factory, inputs = MODELS[name]
-    return _randomize_bn(factory()), inputs()
+    return randomize_batchnorm(factory()), inputs()

@@ -8,7 +8,7 @@ import graphc
 from graphc.passes.fold_batchnorm import fold_batchnorm, fold_batchnorm_rules
 from graphc.rewrite import apply_rules
 from graphc.verify import verify
-from tests.models.zoo import _randomize_bn, build
+from tests.models.zoo import build, randomize_batchnorm
 
 BN_OP = "aten._native_batch_norm_legit_no_training"
 
@@ -39,7 +39,7 @@ def test_folds_every_conv_bn(name, folds):
 
 
 def test_printed_ir_before_and_after():
-    m = _randomize_bn(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)))
+    m = randomize_batchnorm(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)))
     g, out = _fold_and_check(m, (torch.randn(1, 2, 4, 4),))
     assert f"= {BN_OP}(%convolution, %_1_weight, %_1_bias, %_1_running_mean, " in str(g)
     assert str(out).splitlines()[2:] == [
@@ -55,13 +55,13 @@ def test_printed_ir_before_and_after():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_then_batchnorm1d(bias):
-    m = _randomize_bn(nn.Sequential(nn.Linear(6, 5, bias=bias), nn.BatchNorm1d(5)))
+    m = randomize_batchnorm(nn.Sequential(nn.Linear(6, 5, bias=bias), nn.BatchNorm1d(5)))
     _, out = _fold_and_check(m, (torch.randn(3, 6),))
     assert out.op_histogram()["aten.addmm"] == 1 and "aten.mm" not in out.op_histogram()
 
 
 def test_conv1d_and_grouped_conv():
-    m = _randomize_bn(nn.Sequential(nn.Conv1d(4, 8, 3, groups=2), nn.BatchNorm1d(8)))
+    m = randomize_batchnorm(nn.Sequential(nn.Conv1d(4, 8, 3, groups=2), nn.BatchNorm1d(8)))
     _fold_and_check(m, (torch.randn(2, 4, 9),))
 
 
@@ -76,7 +76,7 @@ class _SharedConv(nn.Module):
 
 
 def test_refuses_when_the_conv_output_has_other_users():
-    m = _randomize_bn(_SharedConv())
+    m = randomize_batchnorm(_SharedConv())
     x = (torch.randn(1, 3, 6, 6),)
     g = graphc.trace(m, x)
     out, misses = apply_rules(g, fold_batchnorm_rules)
@@ -87,7 +87,7 @@ def test_refuses_when_the_conv_output_has_other_users():
 
 
 def test_refuses_transposed_convolution():
-    m = _randomize_bn(nn.Sequential(nn.ConvTranspose2d(3, 4, 2), nn.BatchNorm2d(4)))
+    m = randomize_batchnorm(nn.Sequential(nn.ConvTranspose2d(3, 4, 2), nn.BatchNorm2d(4)))
     g = graphc.trace(m, (torch.randn(1, 3, 5, 5),))
     out, misses = apply_rules(g, fold_batchnorm_rules)
     assert out is g and "transposed convolution is not folded" in misses[0].reason
