@@ -2,7 +2,7 @@
 
     import     TVM's PyTorch importer + graphc's lowering rules (lower.py)    dump "relax"
     optimize   Relax: decompose for inference, legalize to TIR, fold, fuse     dump "relax-opt"
-    schedule   dlight CPU rules (GEMV, reductions) except on convolutions     dump "tir"
+    schedule   the default rule table, one rule per op class (schedules/)   dump "tir"
     build      Relax VM lowering, then TIR -> LLVM codegen for the target
 
 Each phase is a list of passes (like TVM's relax/backend/*/pipeline.py), so a later target or
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 import tvm
-from tvm import relax, s_tir
+from tvm import relax
 from tvm.s_tir import dlight
 
 from graphc.compiled import CompiledModel
@@ -27,6 +27,7 @@ from graphc.spec import TensorSpec
 from .legalize import LEGALIZATIONS
 from .lower import import_program
 from .runtime import runner_from_executable
+from .schedules import default_rules
 from .target import resolve_target, target_config
 
 Dump = Callable[[str, str], None]
@@ -50,34 +51,10 @@ def optimize_passes(target: tvm.target.Target) -> list:
     ]
 
 
-# Kernels dlight's CPU rules must leave alone, by a substring of their TIR block names, with
-# the measurement that decided it (2 cores; whole models, alternating runs).
-DLIGHT_SKIP = {
-    # Reduction treats a convolution as a row reduction: small conv net 4.7 -> 7.8 ms,
-    # depthwise-separable block 0.29 -> 3.3 ms. (Matmul kernels gain ~2x from its parallel loop.)
-    "conv": "slower than the unscheduled loop nest",
-}
-
-
 def schedule_passes(target: tvm.target.Target) -> list:
-    """Schedules for the TIR kernels. dlight's CPU rules cover GEMV and row reductions
-    (matmul, softmax, layer norm); conv stays unscheduled until graphc has its own rules."""
-    rules = [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
-    return [dlight.ApplyDefaultSchedule(*(_SkipKernels(r, DLIGHT_SKIP) for r in rules))]
-
-
-class _SkipKernels(dlight.ScheduleRule):
-    """A dlight rule that declines kernels containing a block named like a key of `skip`."""
-
-    def __init__(self, rule: dlight.ScheduleRule, skip: dict[str, str]):
-        self.rule, self.skip = rule, skip
-
-    def apply(self, func, target, tunable):
-        sch = s_tir.Schedule(func)
-        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
-        if any(key in name for key in self.skip for name in names):
-            return None
-        return self.rule.apply(func, target, tunable)
+    """Schedules for the TIR kernels: the default rule table (schedules/), one rule per op
+    class; kernels no rule takes stay unscheduled loop nests."""
+    return [dlight.ApplyDefaultSchedule(*default_rules(target))]
 
 
 def build_passes(target: tvm.target.Target) -> list:
