@@ -4,6 +4,13 @@
     y = cm(x); cm.save("model.graphc"); cm = graphc.load("model.graphc")
 """
 
+import warnings
+
+# torch 2.13's own pytree code trips its LeafSpec deprecation on every export; users can do
+# nothing about it, so graphc keeps it out of their output.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                        category=FutureWarning)
+
 from graphc import passes  # noqa: F401  (registers the built-in passes)
 from graphc.api import compile, lower, trace
 from graphc.errors import (
