@@ -108,7 +108,8 @@ def _input_shape(vi: onnx.ValueInfoProto, given: dict) -> tuple[int, ...]:
                 for d in t.shape.dim] if t.HasField("shape") else "unknown"
         raise FrontendError(
             f"input '{vi.name}' has dynamic shape {dims}; graphc compiles for static shapes: "
-            f"pass input_shapes={{'{vi.name}': (...)}} to load_onnx"
+            f"pass input_shapes={{'{vi.name}': (...)}} to graphc.trace/compile "
+            f"(CLI: --input-shape {vi.name}=D0,D1,...)"
         )
     return tuple(declared)
 
