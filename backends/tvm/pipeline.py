@@ -27,7 +27,7 @@ from graphc.spec import TensorSpec
 from .legalize import LEGALIZATIONS
 from .lower import import_program
 from .runtime import runner_from_executable
-from .schedules import default_rules
+from .schedules import default_rules, layout
 from .target import resolve_target, target_config
 
 Dump = Callable[[str, str], None]
@@ -54,7 +54,13 @@ def optimize_passes(target: tvm.target.Target) -> list:
 def schedule_passes(target: tvm.target.Target) -> list:
     """Schedules for the TIR kernels: the default rule table (schedules/), one rule per op
     class; kernels no rule takes stay unscheduled loop nests."""
-    return [dlight.ApplyDefaultSchedule(*default_rules(target))]
+    # layout.before/after_schedule: rules may repack constant weights into their kernel's
+    # layout; these Relax passes fold that repacking into the constants at compile time.
+    return [
+        *layout.before_schedule(),
+        dlight.ApplyDefaultSchedule(*default_rules(target)),
+        *layout.after_schedule(),
+    ]
 
 
 def build_passes(target: tvm.target.Target) -> list:
