@@ -1,6 +1,7 @@
-"""The `graphc` command: compile, inspect, passes, run, demo.
+"""The `graphc` command: compile, tune, inspect, passes, run, demo.
 
     graphc compile model.onnx --target cpu --passes "fold-batchnorm" --dump-ir ir/ -o m.graphc
+    graphc tune model.onnx --trials 256 [--db DIR]     (MetaSchedule; later compiles reuse it)
     graphc inspect model.onnx        graphc passes        graphc run m.graphc        graphc demo
 """
 
@@ -34,8 +35,25 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="static shape for an input with dynamic dims (repeatable)")
     c.add_argument("--verify", action="store_true", help="check the IR after every pass")
+    c.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="search N schedule candidates with MetaSchedule first (default 0)")
+    c.add_argument("--tuning-db", metavar="DIR", help="tuning database folder "
+                   "(default $GRAPHC_TUNING_DB or ~/.cache/graphc/tuning)")
     c.add_argument("-o", "--output", required=True, help="artifact path (.graphc)")
     c.set_defaults(func=_compile)
+    t = sub.add_parser("tune", help="search kernel schedules (MetaSchedule) into the tuning "
+                       "database that every later compile applies")
+    t.add_argument("model", help="path to an .onnx file")
+    t.add_argument("--trials", type=int, required=True, metavar="N",
+                   help="candidates to measure, over all the model's kernels")
+    t.add_argument("--db", metavar="DIR", help="tuning database folder "
+                   "(default $GRAPHC_TUNING_DB or ~/.cache/graphc/tuning)")
+    t.add_argument("--target", default="cpu", help="cpu, x86, or a TVM target JSON")
+    t.add_argument("--passes", default="", help="the pipeline the model will be compiled with "
+                   "(passes change the kernels)")
+    t.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    t.add_argument("-o", "--output", help="also write the tuned artifact (.graphc)")
+    t.set_defaults(func=_tune)
     i = sub.add_parser("inspect", help="op histogram, parameters and specs of a model")
     i.add_argument("model")
     i.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
@@ -48,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--inputs", help=".npz with one array per input name (default: random)")
     r.add_argument("--save-outputs", metavar="NPZ", help="write the outputs to an .npz")
     r.add_argument("--repeat", type=int, default=20, help="timed runs for the latency")
+    r.add_argument("--threads", type=int, metavar="N", help="kernel threads (default: all cores)")
     r.set_defaults(func=_run)
     d = sub.add_parser("demo", help="compile a small built-in CNN and show what each pass did")
     d.add_argument("--target", default="cpu")
@@ -73,10 +92,29 @@ def _compile(args) -> None:
 
     cm = graphc.compile(args.model, target=args.target, passes=args.passes,
                         dump_ir=args.dump_ir, verify=args.verify,
-                        input_shapes=_shapes(args.input_shape))
+                        input_shapes=_shapes(args.input_shape), tune=args.tune,
+                        tuning_db=args.tuning_db)
     print(cm.report())
     cm.save(args.output)
     print(f"wrote {args.output}" + (f"; IR dumps in {args.dump_ir}/" if args.dump_ir else ""))
+
+
+def _tune(args) -> None:
+    import graphc
+
+    if args.trials < 1:
+        raise GraphcError("graphc tune: --trials must be at least 1")
+    cm = graphc.compile(args.model, target=args.target, passes=args.passes,
+                        input_shapes=_shapes(args.input_shape), tune=args.trials,
+                        tuning_db=args.db)
+    t = cm.meta["tvm"]["tuning"]
+    print(f"tuned {len(t['tasks'])} kernel(s) with {t['trials']} trials in "
+          f"{t['search_seconds']:.1f} s (cost model {t['cost_model']}); "
+          f"{len(t['applied'])} kernel(s) now scheduled from the database")
+    print(f"database: {t['db']} ({t['records']} records)")
+    if args.output:
+        cm.save(args.output)
+        print(f"wrote {args.output}")
 
 
 def _inspect(args) -> None:
@@ -104,6 +142,8 @@ def _run(args) -> None:
     import graphc
 
     cm = graphc.load(args.artifact)
+    if args.threads is not None:
+        cm.num_threads = args.threads
     if args.inputs:
         data = np.load(args.inputs)
         inputs = [data[s.name] for s in cm.input_specs]

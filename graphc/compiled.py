@@ -82,6 +82,17 @@ class CompiledModel:
         outputs = tuple(_to_numpy(o) if as_numpy else _to_torch(o) for o in outputs)
         return outputs[0] if self.single_output else outputs
 
+    @property
+    def num_threads(self) -> int | None:
+        """Threads the compiled kernels run on; None: the backend's default (TVM: all cores)."""
+        return getattr(self.runner, "num_threads", None)
+
+    @num_threads.setter
+    def num_threads(self, n: int | None) -> None:
+        if not hasattr(type(self.runner), "num_threads"):
+            raise GraphcError(f"the {self.backend} backend has no thread-count setting")
+        self.runner.num_threads = n
+
     def benchmark(self, repeat: int = 50, warmup: int = 5, number: int = 1) -> dict:
         """Time the runner on example inputs; stats are milliseconds per call."""
         inputs = [spec.example(seed=i) for i, spec in enumerate(self.input_specs)]

@@ -2,7 +2,8 @@
 
     import     TVM's PyTorch importer + graphc's lowering rules (lower.py)    dump "relax"
     optimize   Relax: decompose for inference, legalize to TIR, fold, fuse     dump "relax-opt"
-    schedule   the default rule table, one rule per op class (schedules/)   dump "tir"
+    schedule   tuned schedules from the MetaSchedule database (tuning.py), then
+               the default rule table, one rule per op class (schedules/)    dump "tir"
     build      Relax VM lowering, then TIR -> LLVM codegen for the target
 
 Each phase is a list of passes (like TVM's relax/backend/*/pipeline.py), so a later target or
@@ -29,6 +30,7 @@ from .lower import import_program
 from .runtime import runner_from_executable
 from .schedules import default_rules, layout
 from .target import resolve_target, target_config
+from .tuning import TuningOptions, TuningReport, tuned_schedules
 
 Dump = Callable[[str, str], None]
 
@@ -51,13 +53,16 @@ def optimize_passes(target: tvm.target.Target) -> list:
     ]
 
 
-def schedule_passes(target: tvm.target.Target) -> list:
-    """Schedules for the TIR kernels: the default rule table (schedules/), one rule per op
-    class; kernels no rule takes stay unscheduled loop nests."""
+def schedule_passes(target: tvm.target.Target, tuning: TuningOptions | None = None,
+                    report: TuningReport | None = None) -> list:
+    """Schedules for the TIR kernels: records from the tuning database (after a search when
+    tuning.trials > 0), then the default rule table (schedules/), one rule per op class, for
+    the kernels still unscheduled; kernels no rule takes stay unscheduled loop nests."""
     # layout.before/after_schedule: rules may repack constant weights into their kernel's
     # layout; these Relax passes fold that repacking into the constants at compile time.
     return [
         *layout.before_schedule(),
+        tuned_schedules(target, tuning, report),
         dlight.ApplyDefaultSchedule(*default_rules(target)),
         *layout.after_schedule(),
     ]
@@ -83,11 +88,13 @@ def build_passes(target: tvm.target.Target) -> list:
 
 def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
           output_specs: list[TensorSpec], single_output: bool, target="cpu",
-          dump: Dump | None = None) -> CompiledModel:
-    """Compile a core-ATen ExportedProgram for a CPU target with TVM."""
+          dump: Dump | None = None, tuning: TuningOptions | None = None) -> CompiledModel:
+    """Compile a core-ATen ExportedProgram for a CPU target with TVM. tuning: the MetaSchedule
+    search budget and database (tuning.py); None applies the default database's records."""
     resolved = resolve_target(target)
     tgt = resolved.target
     seconds: dict[str, float] = {}
+    tuned = TuningReport()
     with _phase("import", seconds, tgt):
         mod = import_program(ep)
         _check_signature(mod, input_specs, output_specs)
@@ -97,14 +104,15 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
             mod = tvm.transform.Sequential(optimize_passes(tgt))(mod)
         _dump(dump, "relax-opt", mod.script)
         with _phase("schedule", seconds, tgt):
-            mod = tvm.transform.Sequential(schedule_passes(tgt))(mod)
+            mod = tvm.transform.Sequential(schedule_passes(tgt, tuning, tuned))(mod)
         _dump(dump, "tir", lambda: _tir_script(mod))
         with _phase("build", seconds, tgt):
             executable = tvm.compile(mod, tgt, relax_pipeline=tvm.transform.Sequential(
                 build_passes(tgt)))
     info = {"target": target_config(tgt), "preset": resolved.preset,
             "host_cpu": tvm.target.codegen.llvm_get_system_cpu()}
-    meta = {"tvm": {"version": tvm.__version__, "phase_seconds": seconds, **info}}
+    meta = {"tvm": {"version": tvm.__version__, "phase_seconds": seconds, **info,
+                    "tuning": tuned.row()}}
     return CompiledModel(runner_from_executable(executable, info), input_specs=input_specs,
                          output_specs=output_specs, single_output=single_output,
                          target=resolved.description, backend="tvm", meta=meta)

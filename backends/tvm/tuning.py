@@ -1,0 +1,324 @@
+"""MetaSchedule tuning: search schedules for a model's kernels and keep them in a database
+that every later compile applies, whatever model the kernels come from.
+
+    graphc.compile(model, (x,), tune=256)        search 256 candidates, then build
+    graphc tune model.onnx --trials 256          the same from the command line
+    graphc.compile(other_model, (y,))            tune=0: no search, but reuses the records
+
+The database is a MetaSchedule JSONDatabase in a folder per TVM version and target:
+
+    <root>/tvm-<version>/<kind>-<mcpu>-<cores>c-<hash of the target JSON>/
+        database_workload.json  database_tuning_record.json
+
+<root> is `tuning_db=`, else $GRAPHC_TUNING_DB, else ~/.cache/graphc/tuning. A record is found
+again by the workload's structural hash (the fused TIR kernel, after the optimize phase);
+JSONDatabase itself ignores the target when it looks a record up, hence one folder per target.
+
+Traps of TVM 0.27 handled here (shared/reference/tvm-cpu-study.md, section 3):
+  - the default LocalBuilder imports tvm.s_tir.tensor_intrin in every build worker (40-200 s,
+    past its 30 s timeout); `_make_fast_build` builds without it.
+  - TuneContext imports that module once in this process; its TVMScript parser calls
+    inspect.stack() hundreds of times, slow once torch is loaded; `_cheap_inspect_stack`.
+  - the cost model: "xgb" (needs xgboost); "random" where xgboost is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import linecache
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from graphc.errors import BackendError
+
+from .target import target_config
+
+log = logging.getLogger("graphc")
+
+ENV_DB = "GRAPHC_TUNING_DB"
+DEFAULT_DB = Path("~/.cache/graphc/tuning")
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+
+
+@dataclass
+class TuningOptions:
+    """What the schedule phase does with MetaSchedule. trials=0: apply records, never search."""
+
+    trials: int = 0
+    db: str | os.PathLike | None = None  # root folder; None: $GRAPHC_TUNING_DB or the default
+    cost_model: str | None = None  # "xgb" / "random"; None: xgb when xgboost is installed
+    progress: bool = True  # a rich progress bar while searching
+    seed: int | None = None
+
+
+@dataclass
+class TuningReport:
+    """What the tuning step did, for CompiledModel.meta["tvm"]["tuning"]."""
+
+    db: str = ""
+    records: int = 0  # tuning records in this target's database when the schedule phase began
+    tasks: list[str] = field(default_factory=list)  # kernels searched (trials > 0)
+    trials: int = 0  # candidates measured
+    cost_model: str | None = None
+    search_seconds: float = 0.0
+    applied: list[str] = field(default_factory=list)  # kernels scheduled from the database
+
+    def row(self) -> dict:
+        return {"db": self.db, "records": self.records, "tasks": self.tasks,
+                "trials": self.trials, "cost_model": self.cost_model,
+                "search_seconds": round(self.search_seconds, 2), "applied": self.applied}
+
+
+# ---- where records live ---------------------------------------------------------------------
+
+def db_root(tuning_db: str | os.PathLike | None = None) -> Path:
+    """The database root: the argument, else $GRAPHC_TUNING_DB, else ~/.cache/graphc/tuning."""
+    root = tuning_db if tuning_db is not None else os.environ.get(ENV_DB) or DEFAULT_DB
+    return Path(root).expanduser()
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """A folder name for `target`: readable fields plus a hash of its full JSON, so records
+    are only ever applied to the exact target they were measured on."""
+    cfg = target_config(target)
+    text = json.dumps(cfg, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    parts = [str(cfg.get("kind", "target")), str(cfg.get("mcpu") or "generic"),
+             f"{cfg.get('num-cores', 0)}c"]
+    return "-".join(p.replace("/", "_") for p in parts) + f"-{digest}"
+
+
+def db_dir(target: tvm.target.Target, tuning_db=None) -> Path:
+    """The folder holding `target`'s records under the database root."""
+    return db_root(tuning_db) / f"tvm-{tvm.__version__}" / target_key(target)
+
+
+def open_database(target: tvm.target.Target, tuning_db=None, *, create: bool = False):
+    """The JSONDatabase for `target`, or None when it has no records and create is False."""
+    folder = db_dir(target, tuning_db)
+    records = folder / RECORD_FILE
+    if not create and (not records.is_file() or records.stat().st_size == 0):
+        return None
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BackendError(f"tuning: cannot create the tuning database folder {folder}: {e}; "
+                               f"pass tuning_db= or set ${ENV_DB} to a writable folder") from e
+    return ms.database.JSONDatabase(path_workload=str(folder / WORKLOAD_FILE),
+                                    path_tuning_record=str(records), allow_missing=True)
+
+
+def record_count(target: tvm.target.Target, tuning_db=None) -> int:
+    """Number of tuning records stored for `target` (0 when there is no database)."""
+    db = open_database(target, tuning_db)
+    return 0 if db is None else len(db)
+
+
+# ---- the schedule-phase step ----------------------------------------------------------------
+
+def tuned_schedules(target: tvm.target.Target, options: TuningOptions | None,
+                    report: TuningReport | None = None) -> tvm.transform.Pass:
+    """One module pass for the schedule phase: search (options.trials > 0), then schedule every
+    kernel the database has a record for (MetaScheduleApplyDatabase marks it
+    tirx.is_scheduled, so the default rules after it leave it alone)."""
+    options = options or TuningOptions()
+    report = report if report is not None else TuningReport()
+
+    @tvm.transform.module_pass(opt_level=0, name="graphc.TunedSchedules")
+    def step(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        report.db = str(db_dir(target, options.db))
+        if options.trials > 0:
+            search(mod, target, options, report)
+        database = open_database(target, options.db)
+        if database is None:
+            return mod
+        report.records = len(database)
+        before = _scheduled(mod)
+        with database:
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        report.applied = sorted(_scheduled(mod) - before)
+        if report.applied:
+            log.info("tuning: %d kernel(s) scheduled from %s", len(report.applied), report.db)
+        return mod
+
+    return step
+
+
+def _scheduled(mod: tvm.IRModule) -> set[str]:
+    return {gv.name_hint for gv, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+            and bool(f.attrs.get("tirx.is_scheduled", False))}
+
+
+# ---- the search -----------------------------------------------------------------------------
+
+def search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
+           report: TuningReport) -> None:
+    """Run MetaSchedule over `mod`'s kernels with options.trials measured candidates in total,
+    committing every measurement to the target's database."""
+    start = time.perf_counter()
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
+             if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    if not tasks:
+        log.info("tuning: no kernels to tune")
+        return
+    cost_model = options.cost_model or _default_cost_model()
+    report.cost_model = cost_model
+    report.tasks = [t.task_name for t in tasks]
+    database = open_database(target, options.db, create=True)
+    trials = int(options.trials)
+    per_iter = max(1, min(64, trials, max(8, trials // len(tasks))))
+    _import_tensor_intrin_quickly()
+    with tempfile.TemporaryDirectory(prefix="graphc-tune-") as work_dir, \
+            _progress(options.progress, trials, len(tasks)) as bar:
+        with _quiet_ms_logging():
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, work_dir, seed=options.seed)
+        counter = _Counter(bar)
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=work_dir,
+            max_trials_global=trials, max_trials_per_task=trials,
+            num_trials_per_iter=per_iter, builder=_builder(), database=database,
+            cost_model=ms.cost_model.CostModel.create(cost_model, num_tuning_cores=_cores()),
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter],
+        )
+        report.trials = counter.trials
+    report.search_seconds = time.perf_counter() - start
+    log.info("tuning: %d candidates over %d kernel(s) in %.1f s (cost model %s) -> %s",
+             report.trials, len(tasks), report.search_seconds, cost_model, report.db)
+
+
+def _default_cost_model() -> str:
+    try:
+        import xgboost  # noqa: F401
+    except ImportError:
+        log.warning("tuning: xgboost is not installed; using the random cost model "
+                    "(pip install xgboost-cpu for a guided search)")
+        return "random"
+    return "xgb"
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+def _builder():
+    return ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=120,
+                                   f_build=_make_fast_build())
+
+
+def _make_fast_build():
+    """MetaSchedule's default_build without its `import tvm.s_tir.tensor_intrin` (40-200 s per
+    worker here). Made in a closure so cloudpickle sends it to the workers by value: they
+    then need no graphc import."""
+    def fast_build(mod, target, _params):
+        from tvm.driver import build as tvm_build
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+        return tvm_build(mod, target=target)
+
+    return fast_build
+
+
+def _import_tensor_intrin_quickly() -> None:
+    """TuneContext imports tvm.s_tir.tensor_intrin (about 250 TVMScript functions). The parser
+    calls inspect.stack() for each, which reads source for every frame and searches
+    sys.modules (tens of seconds with torch loaded); a frame walker that reads lines from
+    linecache is enough for what the parser looks at."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.stack
+    inspect.stack = _cheap_inspect_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
+
+
+def _cheap_inspect_stack(context: int = 1) -> list[inspect.FrameInfo]:
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename, lineno = frame.f_code.co_filename, frame.f_lineno
+        line = linecache.getline(filename, lineno)
+        frames.append(inspect.FrameInfo(frame, filename, lineno, frame.f_code.co_name,
+                                        [line] if line else None, 0 if line else None))
+        frame = frame.f_back
+    return frames
+
+
+@contextlib.contextmanager
+def _quiet_ms_logging():
+    """MetaSchedule's logger setup sends every INFO line (per-iteration tables) to stdout when
+    its logger has no level; set WARNING first, so the console handler it adds gets WARNING.
+    The per-task logs go to files in the temporary work dir."""
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ms_log.setLevel(logging.WARNING)  # its setup sets DEBUG; keep the console quiet
+
+
+@derived_object
+class _Counter(ms.measure_callback.PyMeasureCallback):
+    """Counts measured candidates and moves the progress bar."""
+
+    def __init__(self, bar):
+        self.bar, self.trials, self.best = bar, 0, {}
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+              runner_results):
+        name = task_scheduler.tasks_[task_id].ctx.task_name
+        secs = [sum(map(float, r.run_secs)) / len(r.run_secs) for r in runner_results
+                if r.run_secs and r.error_msg is None]
+        if secs:
+            self.best[name] = min(self.best.get(name, float("inf")), *secs)
+        self.trials += len(runner_results)
+        if self.bar is not None:
+            best = self.best.get(name)
+            self.bar.advance(len(runner_results),
+                             f"{name}: best {best * 1e3:.3f} ms" if best is not None else name)
+
+
+class _Bar:
+    def __init__(self, progress, task_id):
+        self.progress, self.task_id = progress, task_id
+
+    def advance(self, n: int, note: str) -> None:
+        self.progress.update(self.task_id, advance=n, note=note)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, trials: int, n_tasks: int):
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (TextColumn(f"tuning {n_tasks} kernel(s)"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
+    with Progress(*columns, transient=False) as progress:
+        yield _Bar(progress, progress.add_task("tune", total=trials, note=""))
