@@ -8,6 +8,8 @@ Saved files (inside the graphc artifact's runner/ folder):
 from __future__ import annotations
 
 import json
+import os
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from tvm import relax
 from tvm.target import codegen
 
 from graphc.compiled import ArtifactError
+from graphc.errors import GraphcError
 
 LIB_FILE = "lib.so"
 INFO_FILE = "runner.json"
@@ -33,11 +36,27 @@ class TVMRunner:
         self.main = self.vm["main"]  # looked up once: the lookup shows in small benchmarks
         self._export = export
         self.info = info
+        self._threads: int | None = None
+
+    @property
+    def num_threads(self) -> int | None:
+        """Threads TVM's pool uses for this model's kernels; None: all (TVM_NUM_THREADS)."""
+        return self._threads
+
+    @num_threads.setter
+    def num_threads(self, n: int | None) -> None:
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise GraphcError(f"num_threads must be a positive int or None, got {n!r}")
+        if n is not None and n > max_threads():
+            warnings.warn(f"num_threads={n}: TVM's thread pool has {max_threads()} threads "
+                          "(TVM_NUM_THREADS when TVM started); using that many", stacklevel=3)
+        self._threads = n
 
     def convert(self, inputs):
         return [_to_tvm(x) for x in inputs]
 
     def run(self, native_inputs):
+        _use_threads(self._threads or 0)
         return self.main(*native_inputs)
 
     def outputs(self, native_outputs):
@@ -70,6 +89,27 @@ def load_runner(directory: Path) -> TVMRunner:
     except Exception as e:  # dlopen / VM loading errors come as TVM's own error types
         raise ArtifactError(f"tvm backend: cannot load the compiled library: {e}") from e
     return runner
+
+
+# TVM's thread pool is per calling thread; runtime.config_threadpool(mode, n) sets how many of
+# its workers the next kernels use (n = 0: all of them), up to the pool size fixed at start-up
+# by TVM_NUM_THREADS. Mode 0 keeps the workers' CPU affinity as TVM set it.
+_pool = threading.local()
+
+
+def _use_threads(n: int) -> None:
+    if getattr(_pool, "threads", 0) != n:
+        tvm.get_global_func("runtime.config_threadpool")(0, n)
+        _pool.threads = n
+
+
+def max_threads() -> int:
+    """The TVM pool's size: TVM_NUM_THREADS (set to the core count by graphc.backends.tvm)."""
+    value = os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    try:
+        return max(1, int(value)) if value else max(1, (os.cpu_count() or 2) // 2)
+    except ValueError:
+        return 1
 
 
 def _warn_if_other_cpu(info: dict) -> None:
