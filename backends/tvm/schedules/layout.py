@@ -40,8 +40,8 @@ def layout_free_params(func: tirx.PrimFunc) -> set[int]:
 def is_layout_free(func: tirx.PrimFunc, buffer: tirx.Buffer) -> bool:
     """True when `buffer` is a param of `func` that AttachAttrLayoutFreeBuffers marked."""
     free = layout_free_params(func)
-    return any(i in free and func.buffer_map.get(p) is not None
-               and func.buffer_map[p].same_as(buffer) for i, p in enumerate(func.params))
+    # TVM 0.27: a PrimFunc's params are its buffers (no separate buffer_map).
+    return any(i in free and p.same_as(buffer) for i, p in enumerate(func.params))
 
 
 def pack_input(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, buffer: tirx.Buffer,
@@ -65,7 +65,7 @@ def pack_producer(sch: s_tir.Schedule, producer: s_tir.schedule.SBlockRV,
 
 
 def _mark(sch, copy, consumer, index_map, pad_value):
-    written = sch.get(copy).writes[0].buffer
+    written = sch.get(copy).writes[0].source
     sch.transform_layout(consumer, ("read", _read_index(sch, consumer, written)), index_map,
                          pad_value=pad_value)
     sch.annotate(copy, PREPROC, True)
@@ -73,7 +73,7 @@ def _mark(sch, copy, consumer, index_map, pad_value):
 
 
 def _read_index(sch, block, buffer) -> int:
-    reads = [r.buffer for r in sch.get(block).reads]
+    reads = [r.source for r in sch.get(block).reads]
     for i, b in enumerate(reads):
         if b.same_as(buffer):
             return i
