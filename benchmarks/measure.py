@@ -1,0 +1,226 @@
+"""Side-by-side measurement: variants of one model prepared, then timed interleaved.
+
+A *variant* is one way to run the model (PyTorch eager, onnxruntime fp32 / int8, graphc
+untuned / tuned). Each is prepared once (export, quantize, compile: timed, with the process's
+peak RSS), checked against PyTorch once, then all are timed round-robin in one process: each
+round calls every variant once, in an order rotated every round, with a short pause before
+each call so one runtime's spinning worker threads do not eat into the next one's time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CORES = os.cpu_count() or 1
+PASSES = "fold-batchnorm, constant-folding, dead-code-elimination"
+
+
+@dataclass
+class Variant:
+    name: str
+    call: Callable[[], Any]  # one inference on the bound inputs (what is timed)
+    outputs: Callable[[], list[np.ndarray]]  # one inference, outputs as numpy (for errors)
+    prepare: dict = field(default_factory=dict)  # seconds / peak RSS of export or compile
+    note: str = ""
+    samples_ms: list[float] = field(default_factory=list)
+    max_rel_err: float | None = None
+
+    def stats(self) -> dict:
+        ms = np.asarray(self.samples_ms)
+        if ms.size == 0:
+            return {}
+        return {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()),
+                "p25_ms": float(np.percentile(ms, 25)), "p75_ms": float(np.percentile(ms, 75)),
+                "n": int(ms.size)}
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+def _status_mib(field_name: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def track(result: dict):
+    """Fill `result` with seconds, the process RSS before, and its peak RSS during the block
+    (VmHWM after resetting it; without /proc, ru_maxrss: the peak since process start)."""
+    reset = _reset_peak_rss()
+    before = _status_mib("VmRSS")
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        peak = _status_mib("VmHWM") if reset else None
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            result["peak_is_since_start"] = True
+        result["peak_rss_mib"] = round(peak, 1)
+        if before is not None:
+            result["rss_before_mib"] = round(before, 1)
+            result["rss_growth_mib"] = round(peak - before, 1)
+
+
+# ---- variants -------------------------------------------------------------------------------
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _flat(out) -> list[np.ndarray]:
+    return [_np(o) for o in out] if isinstance(out, (tuple, list)) else [_np(out)]
+
+
+def torch_eager(case) -> Variant:
+    torch.set_num_threads(CORES)
+    model, inputs = case.model, case.inputs
+
+    def call():
+        with torch.no_grad():
+            return model(*inputs)
+
+    return Variant("torch", call, lambda: _flat(call()), note=f"torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads, no_grad")
+
+
+def export_onnx(case, folder: Path) -> Path:
+    """torch.onnx.export (TorchScript exporter, opset 17) of the case into folder."""
+    path = folder / f"{case.name}.onnx"
+    with torch.no_grad():
+        torch.onnx.export(case.model, case.inputs, str(path), input_names=case.input_names,
+                          opset_version=17, dynamo=False)
+    return path
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()  # graph optimizations: ORT's default level (ORT_ENABLE_ALL)
+    opts.intra_op_num_threads = CORES
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_variant(name: str, session, case, note: str, prepare: dict) -> Variant:
+    feeds = {n: _np(x) for n, x in zip(case.input_names, case.inputs)}
+
+    def call():
+        return session.run(None, feeds)
+
+    return Variant(name, call, lambda: _flat(call()), prepare=prepare, note=note)
+
+
+def ort_fp32(case, folder: Path) -> tuple[Variant, Path]:
+    import onnxruntime as ort
+
+    prep: dict = {}
+    with track(prep):
+        path = export_onnx(case, folder)
+        session = _ort_session(path)
+    note = f"onnxruntime {ort.__version__}, {CORES} intra-op threads, export + session"
+    return _ort_variant("ort-fp32", session, case, note, prep), path
+
+
+def ort_int8(case, fp32_path: Path, folder: Path) -> Variant:
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    prep: dict = {}
+    with track(prep):
+        path = folder / f"{case.name}.int8.onnx"
+        quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8)
+        session = _ort_session(path)
+    note = f"onnxruntime {ort.__version__} quantize_dynamic (s8 weights), quantize + session"
+    return _ort_variant("ort-int8", session, case, note, prep)
+
+
+def graphc_variant(case, name: str, tuning_db: str | os.PathLike) -> Variant:
+    import graphc
+
+    prep: dict = {}
+    with track(prep):
+        cm = graphc.compile(case.model, case.inputs, target="cpu", passes=PASSES,
+                            tuning_db=tuning_db)
+    inputs = case.inputs
+    tvm_meta = cm.meta.get("tvm", {})
+    applied = tvm_meta.get("tuning", {}).get("applied", [])
+    prep["phase_seconds"] = tvm_meta.get("phase_seconds", {})
+    prep["tuned_kernels"] = len(applied)
+    note = f"{cm.target}; {len(applied)} kernel(s) from the tuning database"
+    return Variant(name, lambda: cm(*inputs), lambda: _flat(cm(*inputs)), prepare=prep,
+                   note=note)
+
+
+# ---- errors and timing ------------------------------------------------------------------------
+
+def max_rel_err(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """max |got - want| / max |want| over each output, the worst output."""
+    if len(got) != len(want):
+        raise ValueError(f"{len(got)} outputs, expected {len(want)}")
+    errs = []
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        scale = float(np.abs(w).max()) or 1.0
+        errs.append(float(np.abs(g.reshape(w.shape) - w).max()) / scale)
+    return max(errs)
+
+
+def check(variants: list[Variant], reference: list[np.ndarray]) -> None:
+    for v in variants:
+        v.max_rel_err = max_rel_err(v.outputs(), reference)
+
+
+def interleave(variants: list[Variant], *, repeat: int, warmup: int, budget_s: float,
+               gap_s: float, min_rounds: int = 3) -> int:
+    """Time the variants round-robin; returns the number of rounds. Stops after `repeat`
+    rounds, or earlier once `budget_s` is spent and at least `min_rounds` are done."""
+    for v in variants:
+        for _ in range(warmup):
+            v.call()
+    start, rounds, n = time.perf_counter(), 0, len(variants)
+    for r in range(repeat):
+        for v in variants[r % n:] + variants[:r % n]:
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            v.call()
+            v.samples_ms.append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+        if rounds >= min_rounds and time.perf_counter() - start > budget_s:
+            break
+    return rounds
+
+
+def geomean(values: list[float]) -> float | None:
+    values = [v for v in values if v and v > 0 and math.isfinite(v)]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def empty_db() -> tempfile.TemporaryDirectory:
+    """A tuning database folder with no records: 'untuned' must not pick up any records."""
+    return tempfile.TemporaryDirectory(prefix="graphc-bench-nodb-")

@@ -1,0 +1,55 @@
+"""Smoke test of the benchmark harness (benchmarks/run.py) on a tiny model: every variant
+prepared, checked against PyTorch, timed interleaved, written as JSON. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from benchmarks import measure, run
+from benchmarks.models import MODELS, Case
+
+
+def _tiny() -> Case:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    return Case("tiny", model, (torch.randn(1, 3, 16, 16),), ["x"], "tiny conv net")
+
+
+def test_harness_runs_every_variant_and_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(MODELS, "tiny", _tiny)
+    out = tmp_path / "r.json"
+    assert run.main(["--models", "tiny", "--variants", "torch", "ort-fp32", "ort-int8", "graphc",
+                     "graphc-tuned", "--tuned-db", str(tmp_path / "empty-db"), "--repeat", "4",
+                     "--warmup", "1", "--gap-ms", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (model,) = result["models"]
+    rows = {r["variant"]: r for r in model["variants"]}
+    assert set(rows) == {"torch", "ort-fp32", "ort-int8", "graphc"}
+    assert "graphc-tuned" in model["skipped"]  # the database has no records
+    for name, r in rows.items():
+        assert r["n"] == len(r["samples_ms"]) == 4, name
+        assert r["min_ms"] <= r["median_ms"], name
+    assert rows["ort-fp32"]["ratio_vs_ort_fp32"] == 1.0
+    assert rows["torch"]["max_rel_err_vs_torch"] == 0.0
+    assert rows["graphc"]["max_rel_err_vs_torch"] < 1e-5
+    assert rows["ort-fp32"]["max_rel_err_vs_torch"] < 1e-5
+    assert rows["graphc"]["prepare"]["seconds"] > 0 and rows["graphc"]["prepare"]["peak_rss_mib"] > 0
+    assert result["geomean_vs_ort_fp32"]["graphc"]["models"] == 1
+    assert "graphc" in capsys.readouterr().out
+
+
+def test_measure_helpers():
+    assert measure.geomean([2.0, 8.0]) == 4.0
+    assert measure.max_rel_err([torch.ones(3).numpy() * 1.5], [torch.ones(3).numpy() * 2]) == 0.25
+    calls = []
+    variants = [measure.Variant(n, lambda n=n: calls.append(n), list) for n in "abc"]
+    assert measure.interleave(variants, repeat=3, warmup=0, budget_s=1e9, gap_s=0) == 3
+    assert calls == list("abc" "bca" "cab")  # round-robin, order rotated every round
+    stats = {}
+    with measure.track(stats):
+        sum(range(1000))
+    assert stats["seconds"] >= 0 and stats["peak_rss_mib"] > 0
