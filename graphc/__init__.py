@@ -11,8 +11,9 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
                         category=FutureWarning)
 
-from graphc import passes  # noqa: F401  (registers the built-in passes)
+from graphc import ops, passes, qat  # noqa: F401  (registers the graphc:: ops and passes)
 from graphc.api import compile, lower, trace
+from graphc.calibrate import calibrate
 from graphc.errors import (
     ArtifactError,
     BackendError,
@@ -25,6 +26,8 @@ from graphc.errors import (
 )
 from graphc.ir import Graph
 from graphc.pass_manager import PASSES, parse_pipeline, register_pass
+from graphc.passes.quant_policy import QuantPolicy, QuantScheme
+from graphc.passes.quantize import quantize
 from graphc.pipeline import run_pipeline
 from graphc.spec import TensorSpec
 from graphc.verify import verify
@@ -46,13 +49,18 @@ __all__ = [
     "GraphcError",
     "InputError",
     "PassError",
+    "QuantPolicy",
+    "QuantScheme",
     "TensorSpec",
     "UnsupportedOpError",
     "VerifyError",
+    "calibrate",
     "compile",
     "load",
     "lower",
     "parse_pipeline",
+    "qat",
+    "quantize",
     "register_pass",
     "run_pipeline",
     "trace",

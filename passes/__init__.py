@@ -3,4 +3,4 @@
 One technique per module. Each pass is a function Graph -> Graph registered by name.
 """
 
-from graphc.passes import cleanup, fold_batchnorm  # noqa: F401  (registers the passes)
+from graphc.passes import cleanup, fold_batchnorm, quantize  # noqa: F401  (registers them)

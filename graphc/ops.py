@@ -1,0 +1,7 @@
+"""graphc's custom operators (torch.library, namespace `graphc::`); importing this
+module registers them all, so graphs holding them run, export and print.
+
+    ops_quant: fake_quant_per_tensor, fake_quant_per_channel, fake_quant_dynamic
+"""
+
+from graphc import ops_quant  # noqa: F401  (registers the ops)
