@@ -210,14 +210,20 @@ class Entropy(Observer):
         levels = grid.qmax - grid.qmin + 1
         if grid.symmetric or lo < 0:  # |x| gets half the grid's levels
             levels = (levels + 1) // 2
-        t = kl_threshold_bins(self.hist.abs_hist(), levels) * self.hist.width
+        hist = self.hist.abs_hist()
+        # ReLU outputs pile up in bin 0; that spike would dominate the divergence and pull
+        # the threshold far in (NVIDIA's pytorch-quantization flattens it the same way)
+        hist[0] = hist[1]
+        t = kl_threshold_bins(hist, levels) * self.hist.width
         return torch.clamp(lo, min=-t), torch.clamp(hi, max=t)
 
 
 def kl_threshold_bins(hist: torch.Tensor, levels: int) -> int:
     """How many leading bins of `hist` to keep: argmin over i of KL(P_i || Q_i), where P_i
     is hist[:i] with the outliers added to its last bin and Q_i is hist[:i] merged into
-    `levels` groups and spread back evenly over each group's non-empty bins."""
+    `levels` groups and spread back evenly over each group's non-empty bins. Both are
+    smoothed (MXNet / onnxruntime): without it, any empty bin under P's outlier mass
+    makes the divergence infinite and far outliers would force the full range."""
     h = hist.numpy()
     best, best_i = float("inf"), h.size
     for i in range(levels, h.size + 1):  # numpy: this loop runs ~2000 times on small arrays
@@ -229,17 +235,27 @@ def kl_threshold_bins(hist: torch.Tensor, levels: int) -> int:
         sums = np.bincount(group, weights=kept, minlength=levels)
         counts = np.bincount(group, weights=nonzero, minlength=levels)
         q = np.where(nonzero, sums[group] / np.maximum(counts[group], 1), 0.0)
-        if (q[p > 0] == 0).any():
-            continue  # P has mass where Q has none: infinite divergence
+        p, q = _smooth(p), _smooth(q)
+        if p is None or q is None:
+            continue
         kl = _kl(p / p.sum(), q / q.sum())
         if kl < best:
             best, best_i = kl, i
     return best_i
 
 
+def _smooth(counts: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Give empty bins `eps`, taken evenly from the others; None if that is impossible."""
+    zeros = counts == 0
+    n_zero, n_nonzero = int(zeros.sum()), int(counts.size - zeros.sum())
+    if n_nonzero == 0:
+        return None
+    out = counts + np.where(zeros, eps, -eps * n_zero / n_nonzero)
+    return out if (out > 0).all() else None
+
+
 def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    s = p > 0
-    return float((p[s] * np.log(p[s] / q[s])).sum())
+    return float((p * np.log(p / q)).sum())
 
 
 # name -> observer class; each takes `axis` (None: one range per tensor)

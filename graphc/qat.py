@@ -68,7 +68,7 @@ def train(graph: Graph, data: Iterable, loss_fn: Callable | None = None, *, epoc
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, count = total + float(loss), count + 1
+            total, count = total + float(loss.detach()), count + 1
         losses.append(total / max(count, 1))
     g.gm.eval()
     g.meta["qat"] = {"epochs": epochs, "lr": lr, "epoch_losses": losses}
