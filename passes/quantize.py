@@ -83,12 +83,14 @@ def quantize(graph: Graph, *, bits: int = 8, per_channel: bool = True, symmetric
         return graph
     batches = as_batches(graph, calibration if calibration is not None
                          else graph.meta.get("calibration"))
-    full = insert_fake_quant(graph, layers, weight_observer=weight_observer)
+    weight_qparams: dict = {}  # the search rebuilds often: weight ranges are computed once
+    full = insert_fake_quant(graph, layers, weight_observer=weight_observer,
+                             weight_qparams=weight_qparams)
     act_obs = observe(full, batches, static_activation_nodes(full), observer)
 
     def build(chosen: Planned) -> Graph:
         return insert_fake_quant(graph, chosen, weight_observer=weight_observer,
-                                 act_observers=act_obs)
+                                 act_observers=act_obs, weight_qparams=weight_qparams)
 
     from graphc.passes.quant_mixed import choose_precision
     from graphc.passes.quant_report import quant_report
@@ -100,10 +102,12 @@ def quantize(graph: Graph, *, bits: int = 8, per_channel: bool = True, symmetric
 
 
 def insert_fake_quant(graph: Graph, layers: Planned, *, weight_observer: str = "minmax",
-                      act_observers: dict[str, Observer] | None = None) -> Graph:
+                      act_observers: dict[str, Observer] | None = None,
+                      weight_qparams: dict | None = None) -> Graph:
     """A copy of graph with fake-quant ops on the planned layers' operands. Static inputs
-    take their range from act_observers (keyed by the input's node name) when given."""
-    g = graph.copy()
+    take their range from act_observers (keyed by the input's node name) when given;
+    weight_qparams caches weight scales across calls."""
+    g, cache = graph.copy(), {} if weight_qparams is None else weight_qparams
     nodes = {n.name: n for n in g.gm.graph.nodes}
     shared: dict[tuple, fx.Node] = {}
     for layer, scheme in layers:
@@ -112,7 +116,7 @@ def insert_fake_quant(graph: Graph, layers: Planned, *, weight_observer: str = "
         with g.gm.graph.inserting_before(node):
             if scheme.weight and layer.weight is not None:
                 args[layer.weight_arg] = _weight_fq(g, args[layer.weight_arg], layer,
-                                                    scheme.weight, weight_observer)
+                                                    scheme.weight, weight_observer, cache)
             for i in layer.act_args if scheme.activation else ():
                 key = (args[i].name, scheme.activation, scheme.dynamic)
                 if key not in shared:
@@ -124,14 +128,17 @@ def insert_fake_quant(graph: Graph, layers: Planned, *, weight_observer: str = "
 
 
 def _weight_fq(g: Graph, operand: fx.Node, layer: Layer, scheme: QuantScheme,
-               observer: str) -> fx.Node:
+               observer: str, cache: dict) -> fx.Node:
     axis = layer.channel_axis if scheme.per_channel else None
-    obs = OBSERVERS[observer](axis=axis)
-    obs.update(_const_value(g, operand))
-    scale, zp = qparams(*obs.range(scheme.grid), scheme.grid)
+    key = (layer.node, scheme, observer)
+    if key not in cache:
+        obs = OBSERVERS[observer](axis=axis)
+        obs.update(_const_value(g, operand))
+        cache[key] = qparams(*obs.range(scheme.grid), scheme.grid)
+    scale, zp = cache[key]
     base = layer.weight or f"{layer.node}_weight"
-    s = g.gm.graph.get_attr(add_weight(g, f"{base}_scale", scale))
-    z = g.gm.graph.get_attr(add_weight(g, f"{base}_zp", zp, trainable=False))
+    s = g.gm.graph.get_attr(add_weight(g, f"{base}_scale", scale.clone()))  # own storage:
+    z = g.gm.graph.get_attr(add_weight(g, f"{base}_zp", zp.clone(), trainable=False))  # QAT
     grid, name = scheme.grid, f"{base}_q"
     if axis is None:
         return _call(g, FQ.fake_quant_per_tensor.default, (operand, s, z, grid.qmin, grid.qmax),
