@@ -133,9 +133,7 @@ def bench_model(name: str, args) -> dict:
 def _tuned_db(args) -> str | None:
     if args.tuned_db:
         return args.tuned_db
-    from graphc.backends.tvm.tuning import db_root
-
-    root = db_root()
+    root = Path(os.environ.get("GRAPHC_TUNING_DB") or "~/.cache/graphc/tuning").expanduser()
     return str(root) if root.is_dir() and any(root.rglob("database_tuning_record.json")) else None
 
 

@@ -8,11 +8,15 @@ that every later compile applies, whatever model the kernels come from.
 The database is a MetaSchedule JSONDatabase in a folder per TVM version and target:
 
     <root>/tvm-<version>/<kind>-<mcpu>-<cores>c-<hash of the target JSON>/
-        database_workload.json  database_tuning_record.json
+        database_workload.json  database_tuning_record.json     MetaSchedule's candidates
+        defaults_workload.json  defaults_tuning_record.json     the default rules' schedules
 
 <root> is `tuning_db=`, else $GRAPHC_TUNING_DB, else ~/.cache/graphc/tuning. A record is found
 again by the workload's structural hash (the fused TIR kernel, after the optimize phase);
 JSONDatabase itself ignores the target when it looks a record up, hence one folder per target.
+A search also measures each kernel's default-rule schedule (schedules/) and stores it beside
+the candidates; compiles apply the fastest record of the two databases, so a kernel whose
+search found nothing better keeps the default rule's schedule.
 
 Traps of TVM 0.27 handled here (shared/reference/tvm-cpu-study.md, section 3):
   - the default LocalBuilder imports tvm.s_tir.tensor_intrin in every build worker (40-200 s,
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
-from tvm import relax
+from tvm import relax, s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
@@ -52,6 +56,11 @@ ENV_DB = "GRAPHC_TUNING_DB"
 DEFAULT_DB = Path("~/.cache/graphc/tuning")
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
+# The default rules' schedules, measured like candidates; a separate JSONDatabase, because
+# MetaSchedule's search would take them from its own database as seeds and cannot replay
+# rule-made traces through its postprocessors.
+DEFAULTS_WORKLOAD_FILE = "defaults_workload.json"
+DEFAULTS_RECORD_FILE = "defaults_tuning_record.json"
 
 
 @dataclass
@@ -70,16 +79,17 @@ class TuningReport:
     """What the tuning step did, for CompiledModel.meta["tvm"]["tuning"]."""
 
     db: str = ""
-    records: int = 0  # tuning records in this target's database when the schedule phase began
+    records: int = 0  # records for this target (candidates + default schedules) when applied
     tasks: list[str] = field(default_factory=list)  # kernels searched (trials > 0)
-    trials: int = 0  # candidates measured
+    default_ms: dict[str, float] = field(default_factory=dict)  # their default-rule times
+    trials: int = 0  # candidates measured by the search
     cost_model: str | None = None
     search_seconds: float = 0.0
     applied: list[str] = field(default_factory=list)  # kernels scheduled from the database
 
     def row(self) -> dict:
         return {"db": self.db, "records": self.records, "tasks": self.tasks,
-                "trials": self.trials, "cost_model": self.cost_model,
+                "default_ms": self.default_ms, "trials": self.trials, "cost_model": self.cost_model,
                 "search_seconds": round(self.search_seconds, 2), "applied": self.applied}
 
 
@@ -107,10 +117,14 @@ def db_dir(target: tvm.target.Target, tuning_db=None) -> Path:
     return db_root(tuning_db) / f"tvm-{tvm.__version__}" / target_key(target)
 
 
-def open_database(target: tvm.target.Target, tuning_db=None, *, create: bool = False):
-    """The JSONDatabase for `target`, or None when it has no records and create is False."""
+def open_database(target: tvm.target.Target, tuning_db=None, *, create: bool = False,
+                  defaults: bool = False):
+    """The JSONDatabase for `target` (defaults=True: the default rules' measured schedules),
+    or None when it has no records and create is False."""
     folder = db_dir(target, tuning_db)
-    records = folder / RECORD_FILE
+    workload_file, record_file = ((DEFAULTS_WORKLOAD_FILE, DEFAULTS_RECORD_FILE) if defaults
+                                  else (WORKLOAD_FILE, RECORD_FILE))
+    records = folder / record_file
     if not create and (not records.is_file() or records.stat().st_size == 0):
         return None
     if create:
@@ -119,13 +133,13 @@ def open_database(target: tvm.target.Target, tuning_db=None, *, create: bool = F
         except OSError as e:
             raise BackendError(f"tuning: cannot create the tuning database folder {folder}: {e}; "
                                f"pass tuning_db= or set ${ENV_DB} to a writable folder") from e
-    return ms.database.JSONDatabase(path_workload=str(folder / WORKLOAD_FILE),
+    return ms.database.JSONDatabase(path_workload=str(folder / workload_file),
                                     path_tuning_record=str(records), allow_missing=True)
 
 
-def record_count(target: tvm.target.Target, tuning_db=None) -> int:
+def record_count(target: tvm.target.Target, tuning_db=None, *, defaults: bool = False) -> int:
     """Number of tuning records stored for `target` (0 when there is no database)."""
-    db = open_database(target, tuning_db)
+    db = open_database(target, tuning_db, defaults=defaults)
     return 0 if db is None else len(db)
 
 
@@ -144,10 +158,12 @@ def tuned_schedules(target: tvm.target.Target, options: TuningOptions | None,
         report.db = str(db_dir(target, options.db))
         if options.trials > 0:
             search(mod, target, options, report)
-        database = open_database(target, options.db)
-        if database is None:
+        databases = [db for db in (open_database(target, options.db),
+                                   open_database(target, options.db, defaults=True)) if db]
+        if not databases:
             return mod
-        report.records = len(database)
+        report.records = sum(len(db) for db in databases)
+        database = databases[0] if len(databases) == 1 else ms.database.UnionDatabase(*databases)
         before = _scheduled(mod)
         with database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
@@ -170,7 +186,9 @@ def _scheduled(mod: tvm.IRModule) -> set[str]:
 def search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
            report: TuningReport) -> None:
     """Run MetaSchedule over `mod`'s kernels with options.trials measured candidates in total,
-    committing every measurement to the target's database."""
+    committing every measurement to the target's database. Each kernel's default-rule
+    schedule is measured too (into the defaults database), so the best record for a kernel is
+    never slower, as measured, than what the compile would do without tuning."""
     start = time.perf_counter()
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if not t.mod.attrs.get("tirx.is_scheduled", False)]
@@ -184,6 +202,10 @@ def search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
     trials = int(options.trials)
     per_iter = max(1, min(64, trials, max(8, trials // len(tasks))))
     _import_tensor_intrin_quickly()
+    builder, runner = _builder(), ms.runner.LocalRunner()
+    report.default_ms = measure_default_schedules(
+        tasks, target, open_database(target, options.db, create=True, defaults=True), builder,
+        runner)
     with tempfile.TemporaryDirectory(prefix="graphc-tune-") as work_dir, \
             _progress(options.progress, trials, len(tasks)) as bar:
         with _quiet_ms_logging():
@@ -193,7 +215,7 @@ def search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=work_dir,
             max_trials_global=trials, max_trials_per_task=trials,
-            num_trials_per_iter=per_iter, builder=_builder(), database=database,
+            num_trials_per_iter=per_iter, builder=builder, runner=runner, database=database,
             cost_model=ms.cost_model.CostModel.create(cost_model, num_tuning_cores=_cores()),
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter],
         )
@@ -201,6 +223,67 @@ def search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
     report.search_seconds = time.perf_counter() - start
     log.info("tuning: %d candidates over %d kernel(s) in %.1f s (cost model %s) -> %s",
              report.trials, len(tasks), report.search_seconds, cost_model, report.db)
+
+
+def measure_default_schedules(tasks, target: tvm.target.Target, database, builder,
+                              runner) -> dict[str, float]:
+    """Schedule each task's kernel with the default rules (schedules/), measure it like a
+    search candidate and commit it as a tuning record; returns {task: mean ms}. A schedule
+    whose trace does not replay to the same kernel (a rule that edits TIR outside schedule
+    primitives) is left out: the database could not reproduce it."""
+    from .schedules import default_rules
+
+    rules = default_rules(target)
+    seeds = []
+    for task in tasks:
+        workload = task.dispatched[0]
+        sch = _first_schedule(rules, workload["main"], target)
+        if sch is not None and _replays(sch, workload):
+            seeds.append((task.task_name, workload, sch))
+    if not seeds:
+        return {}
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in seeds])
+    args = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+            for _, _, sch in seeds]
+    ok = [i for i, b in enumerate(built) if b.error_msg is None]
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device,
+                                                args[i]) for i in ok])
+    times = {}
+    for i, future in zip(ok, futures):
+        result = future.result()
+        name, workload, sch = seeds[i]
+        if result.error_msg is not None or not result.run_secs:
+            log.warning("tuning: default schedule of %s did not run: %s", name, result.error_msg)
+            continue
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, database.commit_workload(workload), result.run_secs, target, args[i]))
+        times[name] = round(sum(map(float, result.run_secs)) / len(result.run_secs) * 1e3, 7)
+    for i, b in enumerate(built):
+        if b.error_msg is not None:
+            log.warning("tuning: default schedule of %s did not build: %s", seeds[i][0],
+                        b.error_msg.splitlines()[-1] if b.error_msg else "")
+    return times
+
+
+def _first_schedule(rules, func, target):
+    for rule in rules:
+        sch = rule.apply(func, target, False)
+        if isinstance(sch, list):
+            sch = sch[0] if sch else None
+        if sch is not None:
+            return sch
+    return None
+
+
+def _replays(sch, workload: tvm.IRModule) -> bool:
+    replay = s_tir.Schedule(workload)
+    try:
+        sch.trace.apply_to_schedule(replay, remove_postproc=False)
+        tvm.ir.assert_structural_equal(replay.mod, sch.mod)
+    except Exception:  # noqa: BLE001  (TVM raises ValueError or its own errors)
+        return False
+    return True
 
 
 def _default_cost_model() -> str:

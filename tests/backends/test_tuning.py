@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from tvm.s_tir import meta_schedule as ms
 
 import graphc
 from graphc.backends.tvm import resolve_target, tuning
@@ -71,8 +72,32 @@ def test_search_measures_and_writes_the_database(tuned):
     folder = tuning.db_dir(target, db)
     assert report["db"] == str(folder)
     assert (folder / tuning.RECORD_FILE).stat().st_size > 0
+    # The default rules' schedule of the kernel is measured too, into its own database.
+    assert set(report["default_ms"]) == set(report["tasks"])
     assert tuning.record_count(target, db) == report["trials"]
+    assert tuning.record_count(target, db, defaults=True) == 1
+    assert report["records"] == report["trials"] + 1
     _check_exact(cm, model, _x(1))
+
+
+def test_the_fastest_of_search_and_default_rules_is_applied(tuned):
+    db, _, cm = tuned
+    target = resolve_target("cpu").target
+    candidates = tuning.open_database(target, db)
+    defaults = tuning.open_database(target, db, defaults=True)
+    workload = candidates.get_all_tuning_records()[0].workload  # the one kernel searched
+
+    def mean_ms(record):
+        return sum(map(float, record.run_secs)) / len(record.run_secs) * 1e3
+
+    best_found = mean_ms(candidates.get_top_k(workload, 1)[0])
+    (default_ms,) = cm.meta["tvm"]["tuning"]["default_ms"].values()
+    assert mean_ms(defaults.get_top_k(defaults.commit_workload(workload.mod), 1)[0]) == \
+        pytest.approx(default_ms, rel=1e-3)
+    # What the compile queries: both databases, the faster record wins.
+    union = ms.database.UnionDatabase(candidates, defaults)
+    chosen = union.query_tuning_record(workload.mod, target, "main")
+    assert mean_ms(chosen) == pytest.approx(min(best_found, default_ms), rel=1e-3)
 
 
 def test_another_model_reuses_the_record_without_searching(tuned, monkeypatch):
@@ -86,7 +111,7 @@ def test_another_model_reuses_the_record_without_searching(tuned, monkeypatch):
     # Only the kernel with LinearRelu's workload is taken from the database; the 64->8 layer
     # is a different workload and goes to the default rules.
     assert len(report["applied"]) == 1 and "relu" in report["applied"][0]
-    assert report["records"] == first.meta["tvm"]["tuning"]["trials"]
+    assert report["records"] == first.meta["tvm"]["tuning"]["records"]
     _check_exact(cm, other, _x(2))
 
 
@@ -103,8 +128,6 @@ def test_records_are_kept_per_target(tuned, monkeypatch):
 
 
 def test_database_round_trips(tuned):
-    from tvm.s_tir import meta_schedule as ms
-
     db, _, cm = tuned
     target = resolve_target("cpu").target
     folder = tuning.db_dir(target, db)
