@@ -1,7 +1,7 @@
 """Quantization-aware training: fine-tune a fake-quantized Graph with a plain torch loop.
 
     q = graphc.quantize(g, calibration=batches, bits=4)
-    q = graphc.qat.train(q, [(x, y), ...], epochs=3, lr=1e-3)
+    q = graphc.qat.train(q, [(x, y), ...], epochs=3, lr=3e-4)
 
 Gradients reach the weights through the fake-quant ops' straight-through estimator and
 the scales through their LSQ gradient. Scales get a smaller learning rate (`scale_lr`,
@@ -38,13 +38,14 @@ def scale_names(g: Graph) -> set[str]:
 
 
 def train(graph: Graph, data: Iterable, loss_fn: Callable | None = None, *, epochs: int = 1,
-          lr: float = 1e-3, scale_lr: float | None = None) -> Graph:
+          lr: float = 3e-4, scale_lr: float | None = None) -> Graph:
     """Train a copy of graph on `data` with Adam; returns the trained copy.
 
     data: re-iterable (a list or DataLoader) of (inputs, target), inputs a tensor or a
     tuple of tensors. loss_fn(output, target) -> scalar; default cross-entropy. The
     output is a tensor when the graph has one output, else a tuple. graph.meta["qat"] records
-    the mean loss of every epoch.
+    the mean loss of every epoch. QAT fine-tunes a trained model: the default lr is well
+    below a from-scratch one (3e-3 made an int4 MLP worse, 3e-4 cut its error 4x).
     """
     if epochs < 1 or lr <= 0:
         raise GraphcError(f"qat.train: epochs={epochs} must be >= 1 and lr={lr} > 0")

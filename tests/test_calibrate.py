@@ -9,6 +9,7 @@ from graphc.calibrate import static_activation_nodes
 from graphc.errors import GraphcError, InputError
 from graphc.observers import Grid, Percentile, qparams
 from tests.models.zoo import build
+from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 UINT8 = Grid(0, 255)
 

@@ -6,6 +6,7 @@ import scipy.stats
 import torch
 
 from graphc.observers import MSE, OBSERVERS, Entropy, Grid, MinMax, Percentile, qparams
+from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 INT8, UINT8, INT4 = Grid(-127, 127), Grid(0, 255), Grid(-7, 7)
 

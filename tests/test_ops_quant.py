@@ -5,6 +5,7 @@ import torch
 
 import graphc
 from graphc.ops_quant import dynamic_qparams
+from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 FQ = torch.ops.graphc
 I32 = torch.int32

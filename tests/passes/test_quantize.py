@@ -11,6 +11,7 @@ from graphc.passes.quant_mixed import relative_error, sqnr_db
 from graphc.passes.quant_report import format_quant_report
 from graphc.verify import verify
 from tests.models.zoo import build
+from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 FQ = torch.ops.graphc
 PT, PC, DYN = "graphc.fake_quant_per_tensor", "graphc.fake_quant_per_channel", \
