@@ -96,7 +96,7 @@ def format_quant_report(meta: dict) -> str:
     budget = f" (budget {meta['max_error']:.2e})" if meta["max_error"] else ""
     return (f"quantize\n{render(t)}\n"
             f"output error {meta['output_error']:.2e}{budget}, SQNR {meta['sqnr_db']:.1f} dB "
-            f"on {meta['eval_batches']} batches\n"
+            f"on {meta['eval_batches']} calibration batch(es)\n"
             f"weight bytes {fp32:,} -> {q:,} ({q / fp32:.2f}x); {meta['note']}")
 
 
