@@ -13,6 +13,7 @@ The mechanism that inserts fake-quant ops is passes/quantize.py.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from torch import fx
 from graphc.errors import PassError
 from graphc.ir import Graph, op_name
 from graphc.observers import Grid
+from graphc.ops_quant import FAKE_QUANT_OPS
 
 aten = torch.ops.aten
 WEIGHT_BITS, ACTIVATION_BITS = (4, 8), (8,)
@@ -86,16 +88,28 @@ class QuantPolicy:
 @dataclass(frozen=True)
 class OpInfo:
     """Per-op knowledge: which args are multiplied, which may be a constant weight, and the
-    output-channel axis of that weight as the op consumes it."""
+    output-channel axis of that weight as the op consumes it (None: there is none; a
+    function of the node when the op's arguments decide it)."""
 
     kind: str
     operands: tuple[int, ...]
     weight_arg: int | None
-    channel_axis: int | None
+    channel_axis: int | Callable[[fx.Node], int | None] | None
+
+    def axis(self, node: fx.Node) -> int | None:
+        return self.channel_axis(node) if callable(self.channel_axis) else self.channel_axis
+
+
+def _conv_axis(node: fx.Node) -> int | None:
+    """convolution(x, w, b, stride, pad, dilation, transposed, out_pad, groups): w is
+    [out, in/g, *k], or [in, out/g, *k] when transposed, where grouped output channels
+    span two axes and no single axis holds them."""
+    transposed, groups = node.args[6], node.args[8]
+    return 0 if not transposed else 1 if groups == 1 else None
 
 
 QUANT_OPS = {
-    aten.convolution.default: OpInfo("conv", (0, 1), 1, 0),       # w: [out, in/g, *k]
+    aten.convolution.default: OpInfo("conv", (0, 1), 1, _conv_axis),
     aten.addmm.default: OpInfo("linear", (1, 2), 2, 1),           # permute(w): [in, out]
     aten.mm.default: OpInfo("linear", (0, 1), 1, 1),              # [in, out]
     aten.linear.default: OpInfo("linear", (0, 1), 1, 0),          # w: [out, in]
@@ -119,20 +133,21 @@ class Layer:
 
 
 def find_layers(g: Graph) -> list[Layer]:
-    """Every node the quantizer knows, in graph order, with its class and operands."""
+    """Every node the quantizer knows, in graph order, with its class and operands. Layers
+    with a fake-quantized operand are already quantized and are left out."""
     computed = _input_dependent(g)
     layers = []
     for n in g.gm.graph.nodes:
         info = QUANT_OPS.get(n.target) if n.op == "call_function" else None
-        if info is None:
+        if info is None or any(a.target in FAKE_QUANT_OPS for a in n.all_input_nodes):
             continue
         const = [i for i in info.operands
                  if isinstance(n.args[i], fx.Node) and n.args[i] not in computed]
         w = const[-1] if const else None  # the weight operand (the op's rhs when both are)
-        kind = info.kind if w is not None else "matmul"
-        layers.append(Layer(n.name, op_name(n), kind, _source_attr(n.args[w]) if w is not None
-                            else None, w, info.channel_axis if w == info.weight_arg else None,
-                            tuple(i for i in info.operands if i != w)))
+        weight = None if w is None else _source_attr(n.args[w]) or n.args[w].name
+        layers.append(Layer(n.name, op_name(n), info.kind if w is not None else "matmul",
+                            weight, w, info.axis(n) if w == info.weight_arg else None,
+                            tuple(i for i in info.operands if n.args[i] in computed)))
     return layers
 
 
@@ -148,7 +163,7 @@ def plan(g: Graph, policy: QuantPolicy) -> list[tuple[Layer, LayerScheme]]:
                 and layer.channel_axis is None:
             raise PassError(
                 f"pass 'quantize': per_channel=True, but %{layer.node} ({layer.op}) has no "
-                f"output-channel axis for its weight operand; use per_channel=False or "
+                f"single output-channel axis in its weight operand; use per_channel=False or "
                 f"exclude=['{layer.node}']")
         out.append((layer, scheme))
     return out

@@ -211,10 +211,30 @@ def test_bad_options_fail_naming_pass_and_option(options, message):
 def test_per_channel_on_an_op_without_a_channel_axis_fails_clearly():
     g = graphc.trace(_BmmWeight(), (torch.randn(2, 5, 3),))
     with pytest.raises(PassError, match=r"per_channel=True, but %bmm \(aten.bmm\) has no "
-                                        r"output-channel axis .* exclude=\['bmm'\]"):
+                                        r"single output-channel axis .* exclude=\['bmm'\]"):
         graphc.quantize(g)
     q = graphc.quantize(g, per_channel=False)  # the suggested fix works
     assert q.op_histogram()[PT] == 2
+
+
+def test_transposed_conv_channels_and_grouped_refusal():
+    m = nn.Sequential(nn.ConvTranspose2d(3, 4, 2), nn.ReLU())
+    g = graphc.trace(m, (torch.randn(1, 3, 5, 5),))
+    q = graphc.quantize(g, activations="none")
+    fq = next(n for n in q.gm.graph.nodes if n.target is FQ.fake_quant_per_channel.default)
+    w, scale = m[0].weight.detach(), q.weight(fq.args[1])
+    assert fq.args[3] == 1 and scale.shape == (4,)  # w: [in, out, kh, kw]
+    torch.testing.assert_close(scale, w.abs().amax(dim=(0, 2, 3)) / 127)
+    grouped = graphc.trace(nn.ConvTranspose2d(4, 4, 2, groups=2), (torch.randn(1, 4, 5, 5),))
+    with pytest.raises(PassError, match=r"%convolution \(aten.convolution\) has no single "):
+        graphc.quantize(grouped)
+    assert graphc.quantize(grouped, per_channel=False).op_histogram()[PT] == 2
+
+
+def test_quantizing_twice_changes_nothing():
+    g, batches = _mlp()
+    q = graphc.quantize(g, calibration=batches)
+    assert graphc.quantize(q, calibration=batches) is q
 
 
 def test_pipeline_rejects_a_bad_activation_mode():
