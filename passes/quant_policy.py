@@ -4,8 +4,9 @@
                          exclude=("fc3*",))
     plan(graph, policy)   # -> [(Layer, LayerScheme)] for every selected layer, validated
 
-A layer is one node whose op is in QUANT_OPS. Its class is the op's ("conv", "linear"),
-or "matmul" when the op multiplies two computed tensors (attention's q @ k). Patterns
+A layer is one node whose op is in QUANT_OPS. Its class is the op's ("conv", "linear",
+"embedding": weight-only, its input is indices), or "matmul" when the op multiplies two
+computed tensors (attention's q @ k). Patterns
 (fnmatch) match the node name ("addmm_2") or the weight's attribute name ("fc3_weight").
 The mechanism that inserts fake-quant ops is passes/quantize.py.
 """
@@ -26,7 +27,7 @@ from graphc.ops_quant import FAKE_QUANT_OPS
 
 aten = torch.ops.aten
 WEIGHT_BITS, ACTIVATION_BITS = (4, 8), (8,)
-OP_CLASSES = ("linear", "conv", "matmul")
+OP_CLASSES = ("linear", "conv", "matmul", "embedding")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ QUANT_OPS = {
     aten.mm.default: OpInfo("linear", (0, 1), 1, 1),              # [in, out]
     aten.linear.default: OpInfo("linear", (0, 1), 1, 0),          # w: [out, in]
     aten.bmm.default: OpInfo("matmul", (0, 1), None, None),       # no channel axis
+    aten.embedding.default: OpInfo("embedding", (0,), 0, 0),      # w: [vocab, dim]; per row
 }
 
 

@@ -36,7 +36,7 @@ def quant_report(before: Graph, after: Graph, layers: list[tuple[Layer, LayerSch
 
 def _row(g: Graph, lay: Layer, s: LayerScheme, search: dict) -> dict:
     w_scale, a_scales = _scales(g, lay)
-    act = "fp32" if s.activation is None else (
+    act = "-" if not lay.act_args else "fp32" if s.activation is None else (  # -: indices
         f"{s.activation}".replace(" per-t", "") + (" dynamic" if s.dynamic else " static"))
     return {"layer": lay.node, "op": lay.op, "class": lay.kind, "weight_name": lay.weight,
             "weight": str(s.weight) if s.weight and lay.weight else "fp32",

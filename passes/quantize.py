@@ -1,4 +1,4 @@
-"""quantize: selected conv/linear/matmul layers -> fake-quantized weights and inputs.
+"""quantize: selected conv/linear/matmul/embedding layers -> fake-quantized weights, inputs.
 
     %y = aten.addmm(%b, %x, %wt)
       ->  %xq = graphc.fake_quant_per_tensor(%x, %x_act_scale, %x_act_zp, 0, 255)
@@ -56,7 +56,7 @@ def quantize(graph: Graph, *, bits: int = 8, per_channel: bool = True, symmetric
              include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
              max_error: float = 0.0, policy: QuantPolicy | None = None,
              calibration: list | None = None) -> Graph:
-    """float conv/linear/matmul -> fake-quant on their weights and inputs (graphc:: ops).
+    """float conv/linear/matmul/embedding -> fake-quant on weights and inputs (graphc:: ops).
 
     bits / per_channel / symmetric: weight format. activations: static (calibrated),
     dynamic (range at run time) or none (weight-only). act_bits / act_symmetric: input

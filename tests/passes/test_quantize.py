@@ -231,6 +231,30 @@ def test_transposed_conv_channels_and_grouped_refusal():
     assert graphc.quantize(grouped, per_channel=False).op_histogram()[PT] == 2
 
 
+class _Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def test_embedding_is_weight_only_per_row():
+    m = _Embed()
+    g = graphc.trace(m, (torch.tensor([[1, 2, 9], [0, 0, 5]]),))
+    q = graphc.quantize(g)
+    emb = next(n for n in q.gm.graph.nodes if n.target is torch.ops.aten.embedding.default)
+    fq, ids = emb.args[0], emb.args[1]
+    assert fq.target is FQ.fake_quant_per_channel.default and fq.args[3] == 0
+    assert ids.op == "placeholder"  # indices are not quantized
+    w, scale = m.emb.weight.detach(), q.weight(fq.args[1])
+    torch.testing.assert_close(scale, w.abs().amax(dim=1) / 127)
+    row = q.meta["quantize"]["layers"][0]
+    assert (row["class"], row["activation"]) == ("embedding", "-")
+    assert graphc.quantize(g, ops=("linear",)).op_histogram()[PC] == 1
+
+
 def test_quantizing_twice_changes_nothing():
     g, batches = _mlp()
     q = graphc.quantize(g, calibration=batches)
