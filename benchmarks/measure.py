@@ -196,6 +196,37 @@ def check(variants: list[Variant], reference: list[np.ndarray]) -> None:
         v.max_rel_err = max_rel_err(v.outputs(), reference)
 
 
+def _cpu_jiffies() -> tuple[float, float] | None:
+    """(busy, steal) seconds of all CPUs together, from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def _own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+@contextlib.contextmanager
+def other_load(result: dict):
+    """Fill `result` with the CPU time other processes used during the block, as a fraction
+    of all cores (0.5 on 2 cores: one core busy elsewhere), and the hypervisor's steal."""
+    cpu0, own0, t0 = _cpu_jiffies(), _own_cpu(), time.perf_counter()
+    try:
+        yield result
+    finally:
+        cpu1, own1, wall = _cpu_jiffies(), _own_cpu(), time.perf_counter() - t0
+        if cpu0 and cpu1 and wall > 0:
+            others = (cpu1[0] - cpu0[0]) - (own1 - own0)
+            result["other_processes_cpu_fraction"] = round(max(others, 0) / (wall * CORES), 3)
+            result["steal_fraction"] = round((cpu1[1] - cpu0[1]) / (wall * CORES), 3)
+
+
 def interleave(variants: list[Variant], *, repeat: int, warmup: int, budget_s: float,
                gap_s: float, min_rounds: int = 3) -> int:
     """Time the variants round-robin; returns the number of rounds. Stops after `repeat`

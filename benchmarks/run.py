@@ -117,8 +117,10 @@ def bench_model(name: str, args) -> dict:
         print(f"[{time.strftime('%H:%M:%S')}] {name}: timing {[v.name for v in variants]}",
               file=sys.stderr, flush=True)
         measure.check(variants, reference)
-        rounds = measure.interleave(variants, repeat=args.repeat, warmup=args.warmup,
-                                    budget_s=args.budget_s, gap_s=args.gap_ms / 1e3)
+        load: dict = {}
+        with measure.other_load(load):
+            rounds = measure.interleave(variants, repeat=args.repeat, warmup=args.warmup,
+                                        budget_s=args.budget_s, gap_s=args.gap_ms / 1e3)
     rows = [{"variant": v.name, **v.stats(), "max_rel_err_vs_torch": v.max_rel_err,
              "prepare": v.prepare, "note": v.note, "samples_ms": [round(s, 4) for s in
                                                                    v.samples_ms]}
@@ -127,7 +129,7 @@ def bench_model(name: str, args) -> dict:
     for r in rows:
         r["ratio_vs_" + BASELINE.replace("-", "_")] = r["median_ms"] / base if base else None
     return {"name": name, "about": case.about, "rounds": rounds, "variants": rows,
-            "failed": failed, "skipped": skipped}
+            "failed": failed, "skipped": skipped, "load_while_timing": load}
 
 
 def _tuned_db(args) -> str | None:
@@ -207,6 +209,12 @@ def print_table(results: dict) -> None:
     for variant, g in results[f"geomean_vs_{BASELINE.replace('-', '_')}"].items():
         console.print(f"geomean latency ratio {variant} / ORT fp32: {g['geomean']:.2f} "
                       f"over {g['models']} model(s)")
+    for m in results["models"]:
+        load = m.get("load_while_timing", {})
+        if load.get("other_processes_cpu_fraction", 0) > 0.1:
+            console.print(f"[bold red]{m['name']}: other processes used "
+                          f"{load['other_processes_cpu_fraction']:.0%} of the CPUs while timing: "
+                          "numbers are disturbed (PyTorch's spinning OpenMP threads most)")
     console.print(f"rounds per model: {', '.join(str(m['rounds']) for m in results['models'])}; "
                   "max rel err = max|out - torch| / max|torch| (worst output); prepare = ONNX "
                   "export + session (ORT), quantize + session (int8), graphc.compile (graphc); "

@@ -39,6 +39,7 @@ def test_harness_runs_every_variant_and_writes_json(tmp_path, monkeypatch, capsy
     assert rows["ort-fp32"]["max_rel_err_vs_torch"] < 1e-5
     assert rows["graphc"]["prepare"]["seconds"] > 0 and rows["graphc"]["prepare"]["peak_rss_mib"] > 0
     assert result["geomean_vs_ort_fp32"]["graphc"]["models"] == 1
+    assert 0 <= model["load_while_timing"]["other_processes_cpu_fraction"] <= 1
     assert "graphc" in capsys.readouterr().out
 
 
