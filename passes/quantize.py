@@ -32,6 +32,7 @@ from graphc.errors import PassError
 from graphc.ir import Graph
 from graphc.observers import OBSERVERS, Observer, qparams
 from graphc.pass_manager import register_pass
+from graphc.passes.quant_mixed import choose_precision
 from graphc.passes.quant_policy import (
     OP_CLASSES,
     Layer,
@@ -40,12 +41,14 @@ from graphc.passes.quant_policy import (
     QuantScheme,
     plan,
 )
+from graphc.passes.quant_report import quant_report
 from graphc.rewrite import add_weight
 from graphc.verify import propagate
 
 log = logging.getLogger("graphc")
 FQ = torch.ops.graphc
 Planned = list[tuple[Layer, LayerScheme]]
+WEIGHT_OBSERVERS = ("minmax", "mse")  # the observers with per-channel ranges
 
 
 @register_pass("quantize")
@@ -66,12 +69,7 @@ def quantize(graph: Graph, *, bits: int = 8, per_channel: bool = True, symmetric
     error on the calibration data is within it. policy: a QuantPolicy replacing the
     scheme options (Python API). calibration: input batches (Python API).
     """
-    for name, value in (("observer", observer), ("weight_observer", weight_observer)):
-        if value not in OBSERVERS:
-            raise PassError(f"pass 'quantize': {name}='{value}' is not an observer; choose "
-                            f"from {sorted(OBSERVERS)}")
-    if max_error < 0:
-        raise PassError(f"pass 'quantize': max_error={max_error} must be >= 0 (0: no budget)")
+    _check_options(activations, observer, weight_observer, max_error)
     policy = policy or QuantPolicy(
         weight=QuantScheme(bits, symmetric, per_channel),
         activation=None if activations == "none" else QuantScheme(act_bits, act_symmetric),
@@ -92,13 +90,24 @@ def quantize(graph: Graph, *, bits: int = 8, per_channel: bool = True, symmetric
         return insert_fake_quant(graph, chosen, weight_observer=weight_observer,
                                  act_observers=act_obs, weight_qparams=weight_qparams)
 
-    from graphc.passes.quant_mixed import choose_precision
-    from graphc.passes.quant_report import quant_report
-
     chosen, search = choose_precision(graph, layers, build, batches, max_error)
     out = propagate(build(chosen))
     out.meta["quantize"] = quant_report(graph, out, chosen, search, batches)
     return out
+
+
+def _check_options(activations: str, observer: str, weight_observer: str,
+                   max_error: float) -> None:
+    """Options the pipeline parser cannot check by type (Python callers skip it anyway)."""
+    choices = {"activations": (activations, ("static", "dynamic", "none")),
+               "observer": (observer, tuple(sorted(OBSERVERS))),
+               "weight_observer": (weight_observer, WEIGHT_OBSERVERS)}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise PassError(f"pass 'quantize': {name}={value!r} is not supported; choose "
+                            f"from {list(allowed)}")
+    if max_error < 0:
+        raise PassError(f"pass 'quantize': max_error={max_error} must be >= 0 (0: no budget)")
 
 
 def insert_fake_quant(graph: Graph, layers: Planned, *, weight_observer: str = "minmax",

@@ -197,8 +197,11 @@ class _BmmWeight(nn.Module):
 @pytest.mark.parametrize("options, message", [
     ({"bits": 3}, "pass 'quantize': bits=3 is not supported for weights; choose one of [4, 8]"),
     ({"act_bits": 4}, "act_bits=4 is not supported for activations; choose one of [8]"),
-    ({"observer": "kl"}, "observer='kl' is not an observer; choose from ['entropy', "),
-    ({"weight_observer": "max"}, "weight_observer='max' is not an observer"),
+    ({"observer": "kl"}, "observer='kl' is not supported; choose from ['entropy', "),
+    ({"weight_observer": "entropy"}, ("weight_observer='entropy' is not supported; choose "
+                                     "from ['minmax', 'mse']")),
+    ({"activations": "sometimes"}, ("activations='sometimes' is not supported; choose from "
+                                   "['static', 'dynamic', 'none']")),
     ({"ops": ("attention",)}, "names unknown op classes ['attention']; choose from"),
     ({"max_error": -0.1}, "max_error=-0.1 must be >= 0"),
 ])
