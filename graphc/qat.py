@@ -69,6 +69,9 @@ def train(graph: Graph, data: Iterable, loss_fn: Callable | None = None, *, epoc
             opt.zero_grad()
             loss.backward()
             opt.step()
+            with torch.no_grad():  # a step must not make a scale 0 or negative (x / scale)
+                for p in groups[1]["params"]:
+                    p.clamp_(min=1e-8)
             total, count = total + float(loss.detach()), count + 1
         losses.append(total / max(count, 1))
     g.gm.eval()
