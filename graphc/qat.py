@@ -45,7 +45,7 @@ def train(graph: Graph, data: Iterable, loss_fn: Callable | None = None, *, epoc
     tuple of tensors. loss_fn(output, target) -> scalar; default cross-entropy. The
     output is a tensor when the graph has one output, else a tuple. graph.meta["qat"] records
     the mean loss of every epoch. QAT fine-tunes a trained model: the default lr is well
-    below a from-scratch one (3e-3 made an int4 MLP worse, 3e-4 cut its error 4x).
+    below a from-scratch one (3e-3 made an int4 MLP worse, 3e-4 cut its error 3x).
     """
     if epochs < 1 or lr <= 0:
         raise GraphcError(f"qat.train: epochs={epochs} must be >= 1 and lr={lr} > 0")
