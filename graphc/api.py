@@ -40,6 +40,11 @@ def _trace_onnx(model, inputs, name, input_shapes) -> Graph:
                        output_names=module.output_names)
 
 
+# Graph.meta entries that passes write as their report (JSON-serializable): they travel
+# into CompiledModel.meta, and so into saved artifacts.
+PASS_REPORTS = ("quantize",)
+
+
 def compile(model, inputs=None, *, target="cpu", passes=(), dump_ir=None,
             verify: bool = False, verbose: bool = False, name: str | None = None,
             input_shapes: dict[str, tuple[int, ...]] | None = None, tune: int = 0,
@@ -61,6 +66,7 @@ def compile(model, inputs=None, *, target="cpu", passes=(), dump_ir=None,
         cm.num_threads = num_threads
     cm.meta["passes"] = [r.row() for r in records]
     cm.meta["name"] = g.name
+    cm.meta.update({k: g.meta[k] for k in PASS_REPORTS if k in g.meta})
     if verbose:
         print(cm.report())
     return cm

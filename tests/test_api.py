@@ -105,3 +105,11 @@ def test_onnx_models_compile_and_match_onnxruntime(name, tmp_path):
     (out,) = cm(*feeds.values())  # ONNX graphs return a list of outputs, as onnxruntime does
     assert isinstance(out, np.ndarray)
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_pass_reports_travel_into_the_artifact(tmp_path):
+    m, x = build("mlp")
+    q = graphc.quantize(graphc.trace(m, x))
+    cm = graphc.compile(q, target="torch")
+    assert cm.meta["quantize"]["layers"] == q.meta["quantize"]["layers"]
+    assert "calibration" not in cm.meta  # tensors stay behind
