@@ -45,9 +45,9 @@ def _empty_tuning_db(tmp_path, monkeypatch):
 
 # ---- helpers ------------------------------------------------------------------------------
 
-def build(make, config: dict):
-    """A Relax function from `make(bb) -> (params, output)`, through graphc's optimize and
-    schedule phases and the build -> (scheduled IRModule, VirtualMachine)."""
+def build(make, config: dict, with_asm: bool = False):
+    """A Relax function built by `make(bb)`, through graphc's optimize and schedule phases
+    and the build -> (scheduled IRModule, VirtualMachine[, the kernels' assembly])."""
     bb = relax.BlockBuilder()
     make(bb)
     mod = bb.get()
@@ -57,7 +57,10 @@ def build(make, config: dict):
         mod = tvm.transform.Sequential(pipeline.schedule_passes(tgt))(mod)
         ex = tvm.compile(mod, tgt, relax_pipeline=tvm.transform.Sequential(
             pipeline.build_passes(tgt)))
-    return mod, relax.VirtualMachine(ex, tvm.cpu())
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    if with_asm:
+        return mod, vm, ex.mod.imports[0].inspect_source("asm")
+    return mod, vm
 
 
 def dense_fn(w: np.ndarray, epilogue: str = "", bias=None, batch: int | None = None):
@@ -210,6 +213,78 @@ def test_batch_matmul_exact(config, b, m, k, n):
     assert_close(out, x @ y)
 
 
+# ---- int8 x int8 -> int32 -------------------------------------------------------------------
+
+def _ints(rng, shape, dtype):
+    info = np.iinfo(dtype)  # the full range: u8 x s8 pair sums overflow int16 (no saturation)
+    return rng.integers(info.min, info.max + 1, shape).astype(dtype)
+
+
+INT8 = [  # (x dtype, w dtype, M, K, N)
+    ("uint8", "int8", 1, 1, 1),
+    ("uint8", "int8", 13, 37, 29),
+    ("int8", "int8", 7, 61, 50),
+    ("uint8", "uint8", 5, 6, 17),
+    ("int8", "uint8", 33, 130, 64),
+]
+# the instruction each (ISA, dtypes) must reach, checked in the assembly
+INSTRUCTION = {("avx512", ("uint8", "int8")): "vpdpbusd", ("avx512", None): "vpdpwssd",
+               ("avx2", None): "vpmaddwd"}
+
+
+@pytest.mark.parametrize("config", TARGETS)
+@pytest.mark.parametrize("xdt,wdt,m,k,n", INT8)
+def test_int8_dense_exact_with_dot_instructions(config, xdt, wdt, m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    w = _ints(rng, (k, n), wdt)
+
+    def make(bb):
+        x = relax.Var("x", relax.TensorType((m, k), xdt))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+            bb.emit_func_output(out)
+
+    mod, vm, asm = build(make, config, with_asm=True)
+    (func,) = matmul_kernels(mod).values()
+    mark = re.search(rf'"{MARK}": "([^"]*)"', func.script()).group(1)
+    assert mark.startswith("int8") and mark.endswith("packed")
+    assert "_weight_prepack" not in mod["main"].script()
+    isa = "avx512" if config is AVX512 else "avx2"
+    want = INSTRUCTION.get((isa, (xdt, wdt)), INSTRUCTION[(isa, None)])
+    assert re.search(rf"\b{want}\b", asm), f"{want} not in the kernel"
+
+    x = _ints(rng, (m, k), xdt)
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(out, x.astype(np.int64) @ w.astype(np.int64))
+
+
+@pytest.mark.parametrize("config", TARGETS)
+def test_int8_batch_matmul_and_dequant_epilogue(config):
+    # activations on both sides (nothing to pack), odd batch, and a float epilogue fused in
+    b, m, k, n = 3, 9, 21, 19
+    rng = np.random.default_rng(1)
+    scale = rng.uniform(0.01, 0.1, n).astype("float32")
+
+    def make(bb):
+        x = relax.Var("x", relax.TensorType((b, m, k), "uint8"))
+        y = relax.Var("y", relax.TensorType((b, k, n), "int8"))
+        with bb.function("main", [x, y]):
+            with bb.dataflow():
+                acc = bb.emit(relax.op.matmul(x, y, out_dtype="int32"))
+                f = bb.emit(relax.op.astype(acc, "float32"))
+                out = bb.emit_output(relax.op.multiply(f, relax.const(scale)))
+            bb.emit_func_output(out)
+
+    mod, vm = build(make, config)
+    (name,) = matmul_kernels(mod)
+    assert "multiply" in name, "the dequantizing epilogue must be fused into the int8 kernel"
+    x, y = _ints(rng, (b, m, k), "uint8"), _ints(rng, (b, k, n), "int8")
+    out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y)).numpy()
+    ref = (x.astype(np.int64) @ y.astype(np.int64)).astype(np.float32) * scale
+    assert_close(out, ref)
+
+
 # ---- through graphc.compile ---------------------------------------------------------------
 
 class Block(nn.Module):
@@ -239,3 +314,4 @@ def test_linear_model_through_compile(tmp_path):
 def test_rule_is_ahead_of_dlight():
     names = [type(r.rule).__name__ for r in default_rules(tvm.target.Target(AVX512))]
     assert names.index("MatmulRule") < names.index("Reduction")
+    assert names.index("Int8MatmulRule") < names.index("Reduction")

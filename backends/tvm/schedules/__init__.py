@@ -14,6 +14,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import dlight
 
+from .int8 import Int8MatmulRule
 from .matmul import MatmulRule
 
 log = logging.getLogger("graphc")
@@ -47,6 +48,7 @@ def block_names(func: tvm.tirx.PrimFunc) -> list[str]:
 # Order matters: specific op classes first, generic fallbacks last.
 RULES: list[tuple[str, Callable[[], dlight.ScheduleRule], dict[str, str]]] = [
     ("matmul", MatmulRule, {}),
+    ("matmul.int8", Int8MatmulRule, {}),
     ("dlight.gemv", dlight.cpu.GEMV, {}),
     # dlight's Reduction treats a convolution as a row reduction: small conv net 4.7 -> 7.8
     # ms, depthwise-separable block 0.29 -> 3.3 ms; matmul kernels gain ~2x from it.

@@ -45,30 +45,34 @@ def is_layout_free(func: tirx.PrimFunc, buffer: tirx.Buffer) -> bool:
 
 
 def pack_input(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, buffer: tirx.Buffer,
-               index_map: Callable, pad_value: float | None = None
+               index_map: Callable, pad_value: float | None = None, preproc: bool = True
                ) -> s_tir.schedule.SBlockRV:
     """Make `block` read `buffer` (a layout-free param) through a packed copy laid out by
     `index_map` (old indices -> new indices); returns the copy block, marked as a preproc.
     pad_value fills the packed buffer where index_map's range overhangs the source (tile
-    sizes that do not divide the dimension); the kernel must not rely on other padding."""
+    sizes that do not divide the dimension); the kernel must not rely on other padding.
+    preproc=False: an activation (not a constant); the copy stays in the kernel, per call,
+    and the caller schedules it."""
     copy = sch.cache_read(block, _read_index(sch, block, buffer), "global")
-    return _mark(sch, copy, block, index_map, pad_value)
+    return _relayout(sch, copy, block, index_map, pad_value, preproc)
 
 
 def pack_producer(sch: s_tir.Schedule, producer: s_tir.schedule.SBlockRV,
                   consumer: s_tir.schedule.SBlockRV, index_map: Callable,
-                  pad_value: float | None = None) -> s_tir.schedule.SBlockRV:
+                  pad_value: float | None = None, preproc: bool = True
+                  ) -> s_tir.schedule.SBlockRV:
     """Like pack_input for an existing single-input copy block (say pad_einsum's zero-pad of
     a weight) that reads a layout-free param: its output takes `index_map`'s layout, and
     the padding and packing fold into one constant."""
-    return _mark(sch, producer, consumer, index_map, pad_value)
+    return _relayout(sch, producer, consumer, index_map, pad_value, preproc)
 
 
-def _mark(sch, copy, consumer, index_map, pad_value):
+def _relayout(sch, copy, consumer, index_map, pad_value, preproc):
     written = sch.get(copy).writes[0].source
     sch.transform_layout(consumer, ("read", _read_index(sch, consumer, written)), index_map,
                          pad_value=pad_value)
-    sch.annotate(copy, PREPROC, True)
+    if preproc:
+        sch.annotate(copy, PREPROC, True)
     return copy
 
 

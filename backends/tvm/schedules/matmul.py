@@ -71,7 +71,7 @@ class Matmul:
     rhs: tirx.Buffer
     rhs_k_axis: int
     rhs_j_axis: int
-    dtype: str      # the operands' dtype
+    dtype: str      # the weight operand's dtype
 
 
 def choose_tile(table: dict[int, int], lanes: int, m: int, n: int) -> Tile:
@@ -93,12 +93,15 @@ def find_reduction(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV | None:
 
 
 def match_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
-                 dtypes: tuple[str, ...] = ("float32",)) -> Matmul | None:
+                 dtypes: tuple[str, ...] = ("float32",), out_dtype: str = "float32"
+                 ) -> Matmul | None:
     """C[S..] = C[S..] + X * Y with one reduction var, plain-var indices, X indexed by the
-    second-last output var (i) and Y by the last (j): a Matmul, else None."""
+    second-last output var (i) and Y by the last (j), operands of `dtypes` (casts allowed)
+    into `out_dtype`: a Matmul, else None."""
     blk = sch.get(block)
     store = blk.body
-    if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, tirx.Add):
+    if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, tirx.Add) \
+            or str(store.buffer.dtype) != out_dtype:
         return None
     loads = _product_loads(store.value.b)
     if loads is None or not _same_load(store.value.a, store):
@@ -117,7 +120,8 @@ def match_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
         return None
     x, y = (loads[r] for r in roles[0])
     ux, uy = uses[roles[0][0]], uses[roles[0][1]]
-    if j in ux or i in uy or k not in ux or k not in uy or str(x.source.dtype) not in dtypes:
+    if j in ux or i in uy or k not in ux or k not in uy \
+            or not {str(x.source.dtype), str(y.source.dtype)} <= set(dtypes):
         return None
     ext = [int(iv.dom.extent) for iv in blk.iter_vars]
     return Matmul(batch=tuple(spatial[:-2]), i=i, j=j, k=k, m=ext[i], n=ext[j], kdim=ext[k],
@@ -174,18 +178,19 @@ def _blocks_before(sch, block):
     return root[:names.index(sch.get(block).name_hint)]
 
 
-def prepare_output(sch: s_tir.Schedule, mm, shape: Matmul, tile: Tile):
-    """Pad N to whole panels, then leave exactly one block after the reduction: the fused
-    epilogue, or a copy-out when there is none; the accumulator buffer becomes local.
-    Returns (epilogue block, the block that makes the padded weight or None)."""
-    pad_n = -shape.n % tile.cols
-    rhs_pad = None
-    if pad_n:
-        pads = [1] * len(sch.get(mm).iter_vars)
-        pads[shape.j] = tile.cols
+def prepare_output(sch: s_tir.Schedule, mm, shape: Matmul, multiples: dict[int, int]):
+    """Pad the block iters in `multiples` (position -> multiple) with zeros, then leave exactly
+    one block after the reduction: the fused epilogue, or a copy-out when there is none; the
+    accumulator buffer becomes local. Returns (epilogue block, {operand buffer: the block
+    that makes its padded copy})."""
+    extents = [int(iv.dom.extent) for iv in sch.get(mm).iter_vars]
+    pads = [multiples.get(p, 1) for p in range(len(extents))]
+    copies = {}
+    if any(e % m for e, m in zip(extents, pads, strict=True)):
         sch.pad_einsum(mm, pads)
-        rhs_pad = next((p for p in sch.get_producers(mm)
-                        if sch.get(p).reads[0].source.same_as(shape.rhs)), None)
+        for p in sch.get_producers(mm):
+            src = sch.get(p).reads[0].source
+            copies[shape.rhs if src.same_as(shape.rhs) else shape.lhs] = p
     consumers = _blocks_after(sch, mm)
     for c in consumers[:-1]:
         sch.compute_inline(c)
@@ -196,7 +201,7 @@ def prepare_output(sch: s_tir.Schedule, mm, shape: Matmul, tile: Tile):
         out = sch.cache_write(mm, 0, "local")  # the copy-out block; mm now writes local
     if not _reads_acc_elementwise(sch, out, mm, shape):
         raise NotImplementedError("epilogue does not read the accumulator elementwise")
-    return out, rhs_pad
+    return out, copies
 
 
 def _blocks_after(sch, block):
@@ -217,22 +222,30 @@ def _reads_acc_elementwise(sch, out, mm, shape: Matmul) -> bool:
             and all(r.min.same_as(v) for r, v in zip(regions[0].region, ivars, strict=True)))
 
 
-def pack_rhs(sch: s_tir.Schedule, func, mm, shape: Matmul, tile: Tile, rhs_pad) -> bool:
-    """Constant Y -> panels Yp[.., N/cols, K, cols] (leading batch axes kept)."""
-    if not layout.is_layout_free(func, shape.rhs):
-        return False
-    ka, ja, cols = shape.rhs_k_axis, shape.rhs_j_axis, tile.cols
+def pack_rhs(sch: s_tir.Schedule, func, mm, shape: Matmul, cols: int, kp: int, rhs_pad,
+             activations: bool = False):
+    """Y -> panels Yp[.., N/cols, K/kp, cols, kp] (leading batch axes kept; the kp axis only
+    for dot-product instructions that take kp consecutive k per lane). A constant Y is
+    packed at compile time; an activation only when `activations` (then per call). Returns
+    the per-call packing block, True when packed at compile time, else None."""
+    constant = layout.is_layout_free(func, shape.rhs)
+    if not constant and not activations:
+        return None
+    ka, ja = shape.rhs_k_axis, shape.rhs_j_axis
 
     def panels(*idx):
         rest = [x for a, x in enumerate(idx) if a not in (ka, ja)]
-        return (*rest, idx[ja] // cols, idx[ka], idx[ja] % cols)
+        j, k = idx[ja], idx[ka]
+        if kp == 1:
+            return (*rest, j // cols, k, j % cols)
+        return (*rest, j // cols, k // kp, j % cols, k % kp)
 
     zero = tirx.const(0, shape.dtype)
     if rhs_pad is not None:
-        layout.pack_producer(sch, rhs_pad, mm, panels, pad_value=zero)
+        block = layout.pack_producer(sch, rhs_pad, mm, panels, zero, preproc=constant)
     else:
-        layout.pack_input(sch, mm, shape.rhs, panels, pad_value=zero)
-    return True
+        block = layout.pack_input(sch, mm, shape.rhs, panels, zero, preproc=constant)
+    return True if constant else block
 
 
 def tile_outer(sch: s_tir.Schedule, out, shape: Matmul, tile: Tile):
@@ -272,6 +285,14 @@ def vectorize_tile(sch: s_tir.Schedule, i, j, tile: Tile) -> None:
     sch.vectorize(lane)
 
 
+def vectorize_init(sch: s_tir.Schedule, init) -> None:
+    """The accumulator zeroing decompose_reduction made: loops (rows, NV, lanes)."""
+    i, jv, lane = sch.get_loops(init)[-3:]
+    sch.unroll(i)
+    sch.unroll(jv)
+    sch.vectorize(lane)
+
+
 def parallel_copy(sch: s_tir.Schedule, block, lanes: int) -> None:
     """A padding copy of an activation operand: rows over the cores, last axis vectorized."""
     *outer, last = sch.get_loops(block)
@@ -281,20 +302,30 @@ def parallel_copy(sch: s_tir.Schedule, block, lanes: int) -> None:
     sch.vectorize(lane)
 
 
+def pack_or_copy(sch: s_tir.Schedule, func, mm, shape: Matmul, copies: dict, cols: int,
+                 kp: int, lanes: int, pack_activations: bool = False) -> bool:
+    """Pack a constant weight (with its padding) at compile time; padded or packed copies of
+    activations stay per call, scheduled as parallel vector copies. True when packed."""
+    rhs_pad = next((b for buf, b in copies.items() if buf.same_as(shape.rhs)), None)
+    packed = pack_rhs(sch, func, mm, shape, cols, kp, rhs_pad, pack_activations)
+    per_call = [b for buf, b in copies.items() if not buf.same_as(shape.rhs)]
+    if packed is not True:  # Y's padded copy, or its per-call packing (the same block if both)
+        per_call += [b for b in (rhs_pad if packed is None else packed,) if b is not None]
+    for block in per_call:
+        parallel_copy(sch, block, lanes)
+    return packed is True
+
+
 def schedule_fp32(sch: s_tir.Schedule, func, mm, shape: Matmul, tile: Tile) -> None:
-    out, rhs_pad = prepare_output(sch, mm, shape, tile)
-    packed = pack_rhs(sch, func, mm, shape, tile, rhs_pad)
-    if rhs_pad is not None and not packed:
-        parallel_copy(sch, rhs_pad, tile.lanes)
+    out, copies = prepare_output(sch, mm, shape, {shape.j: tile.cols})
+    packed = pack_or_copy(sch, func, mm, shape, copies, tile.cols, 1, tile.lanes)
     outer, (ei, ej) = tile_outer(sch, out, shape, tile)
     sch.compute_at(mm, outer, preserve_unit_loops=True)
     sch.annotate(mm, MARK, f"matmul {tile.rows}x{tile.vecs}x{tile.lanes}"
                  + (" packed" if packed else ""))
     k = micro_kernel(sch, mm, tile)
     vectorize_tile(sch, ei, ej, tile)
-    init = sch.decompose_reduction(mm, k)
-    ii, ij = sch.get_loops(init)[-2:]
-    vectorize_tile(sch, ii, ij, tile)
+    vectorize_init(sch, sch.decompose_reduction(mm, k))
 
 
 class MatmulRule(dlight.ScheduleRule):

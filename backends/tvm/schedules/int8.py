@@ -1,0 +1,88 @@
+"""int8 x int8 -> int32 matmul (dense, matmul, batch-matmul) on x86, with dot-product
+instructions (intrin.py) in the micro-kernel.
+
+The loop nest is matmul.py's (parallel outer tiles, j0 outside i0, fused epilogue, constant
+weights packed at compile time) with an int32 accumulator tile and k grouped by the
+instruction's kp:
+
+    for k0 in K/kp:                              acc[r, v*L:(v+1)*L] += X[r, k0*kp:+kp]
+        for r in RI, v in NV:                                  . Yp[j0, k0, v*L:(v+1)*L, :]
+            dot instruction (L int32 lanes x kp products)
+
+Weights are packed as Yp[N/cols, K/kp, cols, kp] so each instruction reads one contiguous
+vector. M, N and K are padded to the tile (zeros add nothing to a dot product); tensorize
+cannot take a block with a predicate, so unlike the fp32 rule an M tail pads too.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+
+from . import matmul as mm_rule
+from .intrin import DotIntrin, dot_intrin
+from .isa import ISA, isa_of
+
+INT8 = ("int8", "uint8")
+
+# Micro-kernel rows RI for NV accumulator vectors per row, by instruction family. Besides
+# RI*NV accumulators the i16 paths need NV widened weight vectors and a broadcast temp, and
+# each row's broadcast costs 4 instructions there (load, widen, broadcast), so they prefer
+# few rows and wide panels (AVX2 2x4: ~15% faster than 4x2 at 1024x384x1536, noisy).
+TILES: dict[str, dict[int, int]] = {
+    "vnni_u8s8": {4: 6, 3: 8, 2: 12, 1: 16},        # 32 zmm, 16 int32 lanes
+    "vnni_i16": {6: 3, 4: 4, 3: 8, 2: 12, 1: 16},
+    "avx2_i16": {4: 2, 3: 3, 2: 4, 1: 8},            # 16 ymm, 8 int32 lanes
+}
+
+
+def isa_kind(isa: ISA) -> str | None:
+    if isa.vnni:
+        return "vnni"
+    return "avx2" if isa.f32_lanes >= 8 else None
+
+
+def schedule_int8(sch: s_tir.Schedule, func, mm, shape: mm_rule.Matmul, tile: mm_rule.Tile,
+                  intrin: DotIntrin) -> None:
+    multiples = {shape.i: tile.rows, shape.j: tile.cols, shape.k: intrin.kp}
+    out, copies = mm_rule.prepare_output(sch, mm, shape, multiples)
+    # the instruction reads kp consecutive k per lane: activations get packed too, per call
+    packed = mm_rule.pack_or_copy(sch, func, mm, shape, copies, tile.cols, intrin.kp,
+                                  tile.lanes, pack_activations=True)
+    outer, (ei, ej) = mm_rule.tile_outer(sch, out, shape, tile)
+    sch.compute_at(mm, outer, preserve_unit_loops=True)
+    sch.annotate(mm, mm_rule.MARK, f"int8 {tile.rows}x{tile.vecs}x{tile.lanes} {intrin.name}"
+                 + (" packed" if packed else ""))
+    i, j, k = sch.get_loops(mm)[-3:]
+    k0, kp = sch.split(k, [None, intrin.kp])
+    jv, lane = sch.split(j, [tile.vecs, tile.lanes])
+    sch.reorder(k0, i, jv, lane, kp)
+    sch.unroll(i)
+    sch.unroll(jv)
+    init = sch.decompose_reduction(mm, k0)
+    sch.tensorize(lane, intrin.name)
+    mm_rule.vectorize_tile(sch, ei, ej, tile)
+    mm_rule.vectorize_init(sch, init)
+
+
+class Int8MatmulRule(dlight.ScheduleRule):
+    """int8/uint8 operands accumulating in int32, on x86 with AVX2 or AVX-512 VNNI."""
+
+    def apply(self, func, target: tvm.target.Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        kind = isa_kind(isa_of(target))
+        if kind is None:
+            return None
+        sch = s_tir.Schedule(func)
+        mm = mm_rule.find_reduction(sch)
+        if mm is None or not mm_rule.inline_prologue(sch, mm):
+            return None
+        shape = mm_rule.match_matmul(sch, mm, INT8, out_dtype="int32")
+        if shape is None:
+            return None
+        intrin = dot_intrin(kind, str(shape.lhs.dtype), str(shape.rhs.dtype))
+        tile = mm_rule.choose_tile(TILES[intrin.family], intrin.lanes, shape.m, shape.n)
+        schedule_int8(sch, func, mm, shape, tile, intrin)
+        return sch
