@@ -12,12 +12,13 @@ import pytest
 import torch
 import tvm
 from torch import nn
-from tvm import relax
+from tvm import relax, te
+from tvm.s_tir import dlight
 from tvm.target import codegen
 
 import graphc
 from graphc.backends.tvm import pipeline
-from graphc.backends.tvm.schedules import default_rules
+from graphc.backends.tvm.schedules import default_rules, layout
 from graphc.backends.tvm.schedules.matmul import MARK
 
 AVX2 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
@@ -171,6 +172,17 @@ def test_dense_scheduled_packed_and_exact(config, m, k, n, epilogue):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("config", TARGETS)
+def test_dense_on_3d_input(config):
+    # x[B, S, K] @ W without a reshape: a batch loop over a broadcast weight, packed once
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((7, 19)).astype("float32")
+    mod, vm = build(dense_fn(w)((3, 5, 7)), config)
+    assert len(matmul_kernels(mod)) == 1 and len(packed_constants(mod)) == 1
+    x = rng.standard_normal((3, 5, 7)).astype("float32")
+    assert_close(vm["main"](tvm.runtime.tensor(x)).numpy(), x @ w)
+
+
 def test_tile_follows_isa():
     # 16 fp32 lanes and 32 registers on AVX-512 -> a wider micro-kernel than AVX2's 8 lanes.
     w = np.ones((64, 192), "float32")
@@ -211,6 +223,33 @@ def test_batch_matmul_exact(config, b, m, k, n):
     y = rng.standard_normal((b, k, n)).astype("float32")
     out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y)).numpy()
     assert_close(out, x @ y)
+
+
+@pytest.mark.parametrize("config", TARGETS)
+def test_transposed_activation_repacked_per_call(config):
+    # Q @ K^T with the transpose inside the kernel: K's j axis is not innermost, so the rule
+    # packs it per call (no constant to fold) instead of gathering each vector.
+    b, m, n, k = 3, 7, 19, 5
+    q = te.placeholder((b, m, k), name="q")
+    kt = te.placeholder((b, n, k), name="kt")
+    r = te.reduce_axis((0, k), name="r")
+    c = te.compute((b, m, n), lambda z, i, j: te.sum(q[z, i, r] * kt[z, j, r], axis=r),
+                   name="matmul")
+    tgt = tvm.target.Target(config)
+    with tgt:
+        mod = dlight.ApplyDefaultSchedule(*default_rules(tgt))(
+            tvm.IRModule({"main": te.create_prim_func([q, kt, c])}))
+    text = mod.script()
+    assert MARK in text and layout.PREPROC not in text
+    packed = re.search(r"kt_\w+ = T.sblock_alloc_buffer\(\(([^)]*)\)", text)
+    assert packed and len(packed.group(1).split(",")) == 4  # [b, N/cols, K, cols]
+    lib = tvm.compile(mod, tgt)
+    rng = np.random.default_rng(3)
+    qa = rng.standard_normal((b, m, k)).astype("float32")
+    ka = rng.standard_normal((b, n, k)).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((b, m, n), "float32"))
+    lib["main"](tvm.runtime.tensor(qa), tvm.runtime.tensor(ka), out)
+    assert_close(out.numpy(), qa @ ka.transpose(0, 2, 1))
 
 
 # ---- int8 x int8 -> int32 -------------------------------------------------------------------

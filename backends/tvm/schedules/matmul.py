@@ -106,6 +106,8 @@ def match_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
     loads = _product_loads(store.value.b)
     if loads is None or not _same_load(store.value.a, store):
         return None
+    if not all(isinstance(iv.dom.extent, tirx.IntImm) for iv in blk.iter_vars):
+        return None  # symbolic shapes: tile sizes and padding need known extents
     ivars = [iv.var for iv in blk.iter_vars]
     reduce = [p for p, iv in enumerate(blk.iter_vars) if iv.iter_type == tirx.IterVar.CommReduce]
     spatial = [p for p in range(len(ivars)) if p not in reduce]
@@ -318,7 +320,11 @@ def pack_or_copy(sch: s_tir.Schedule, func, mm, shape: Matmul, copies: dict, col
 
 def schedule_fp32(sch: s_tir.Schedule, func, mm, shape: Matmul, tile: Tile) -> None:
     out, copies = prepare_output(sch, mm, shape, {shape.j: tile.cols})
-    packed = pack_or_copy(sch, func, mm, shape, copies, tile.cols, 1, tile.lanes)
+    # An activation Y with j not innermost (Q @ K^T with the transpose fused in) would need
+    # a gather per vector: repack it per call into panels instead.
+    strided = shape.rhs_j_axis != len(shape.rhs.shape) - 1
+    packed = pack_or_copy(sch, func, mm, shape, copies, tile.cols, 1, tile.lanes,
+                          pack_activations=strided)
     outer, (ei, ej) = tile_outer(sch, out, shape, tile)
     sch.compute_at(mm, outer, preserve_unit_loops=True)
     sch.annotate(mm, MARK, f"matmul {tile.rows}x{tile.vecs}x{tile.lanes}"
