@@ -252,6 +252,27 @@ def test_transposed_activation_repacked_per_call(config):
     assert_close(out.numpy(), qa @ ka.transpose(0, 2, 1))
 
 
+def test_epilogue_through_a_reshape_stays_a_separate_nest():
+    # an epilogue reading the result through a reshape cannot share the tile loops: the
+    # rule still tiles the matmul (copy-out block) and leaves that epilogue after it
+    m, k, n = 10, 24, 20
+    a, w = te.placeholder((m, k), name="a"), te.placeholder((k, n), name="w")
+    r = te.reduce_axis((0, k), name="r")
+    c = te.compute((m, n), lambda i, j: te.sum(a[i, r] * w[r, j], axis=r), name="matmul")
+    d = te.compute((m * n // 4, 4), lambda p, q: c[(p * 4 + q) // n, (p * 4 + q) % n] + 1.0,
+                   name="T_reshape_add")
+    tgt = tvm.target.Target(AVX2)
+    with tgt:
+        mod = dlight.ApplyDefaultSchedule(*default_rules(tgt))(
+            tvm.IRModule({"main": te.create_prim_func([a, w, d])}))
+    assert MARK in mod.script()
+    rng = np.random.default_rng(4)
+    aa, ww = (rng.standard_normal(s).astype("float32") for s in ((m, k), (k, n)))
+    out = tvm.runtime.tensor(np.zeros((m * n // 4, 4), "float32"))
+    tvm.compile(mod, tgt)["main"](tvm.runtime.tensor(aa), tvm.runtime.tensor(ww), out)
+    assert_close(out.numpy(), (aa @ ww).reshape(-1, 4) + 1)
+
+
 # ---- int8 x int8 -> int32 -------------------------------------------------------------------
 
 def _ints(rng, shape, dtype):

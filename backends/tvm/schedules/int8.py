@@ -46,7 +46,7 @@ def isa_kind(isa: ISA) -> str | None:
 def schedule_int8(sch: s_tir.Schedule, func, mm, shape: mm_rule.Matmul, tile: mm_rule.Tile,
                   intrin: DotIntrin) -> None:
     multiples = {shape.i: tile.rows, shape.j: tile.cols, shape.k: intrin.kp}
-    out, copies = mm_rule.prepare_output(sch, mm, shape, multiples)
+    out, copies = mm_rule.prepare_output(sch, mm, shape, multiples, tile.lanes)
     # the instruction reads kp consecutive k per lane: activations get packed too, per call
     packed = mm_rule.pack_or_copy(sch, func, mm, shape, copies, tile.cols, intrin.kp,
                                   tile.lanes, pack_activations=True)

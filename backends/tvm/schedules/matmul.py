@@ -180,11 +180,12 @@ def _blocks_before(sch, block):
     return root[:names.index(sch.get(block).name_hint)]
 
 
-def prepare_output(sch: s_tir.Schedule, mm, shape: Matmul, multiples: dict[int, int]):
-    """Pad the block iters in `multiples` (position -> multiple) with zeros, then leave exactly
-    one block after the reduction: the fused epilogue, or a copy-out when there is none; the
-    accumulator buffer becomes local. Returns (epilogue block, {operand buffer: the block
-    that makes its padded copy})."""
+def prepare_output(sch: s_tir.Schedule, mm, shape: Matmul, multiples: dict[int, int],
+                   lanes: int):
+    """Pad the block iters in `multiples` (position -> multiple) with zeros, then leave one
+    block right after the reduction, reading its result elementwise: the fused epilogue, or
+    a copy-out; the accumulator buffer becomes local. Returns (that block, {operand buffer:
+    the block that makes its padded copy})."""
     extents = [int(iv.dom.extent) for iv in sch.get(mm).iter_vars]
     pads = [multiples.get(p, 1) for p in range(len(extents))]
     copies = {}
@@ -196,13 +197,14 @@ def prepare_output(sch: s_tir.Schedule, mm, shape: Matmul, multiples: dict[int, 
     consumers = _blocks_after(sch, mm)
     for c in consumers[:-1]:
         sch.compute_inline(c)
-    if consumers:
-        out = consumers[-1]
+    if consumers and _reads_acc_elementwise(sch, consumers[-1], mm, shape):
         sch.set_scope(mm, 0, "local")
-    else:
-        out = sch.cache_write(mm, 0, "local")  # the copy-out block; mm now writes local
-    if not _reads_acc_elementwise(sch, out, mm, shape):
-        raise NotImplementedError("epilogue does not read the accumulator elementwise")
+        return consumers[-1], copies
+    # No epilogue, or one that reads the result through a reshape: a copy-out block ends the
+    # nest, and such an epilogue stays a separate loop nest after it.
+    out = sch.cache_write(mm, 0, "local")  # mm now writes the local tile
+    if consumers:
+        parallel_copy(sch, consumers[-1], lanes)
     return out, copies
 
 
@@ -263,15 +265,11 @@ def tile_outer(sch: s_tir.Schedule, out, shape: Matmul, tile: Tile):
     return outer, (i1, j1)
 
 
-def micro_kernel(sch: s_tir.Schedule, mm, tile: Tile, unroll_k: int = 1):
-    """Under the tile loop: k outermost, RI rows x NV vectors unrolled, lanes vectorized."""
+def micro_kernel(sch: s_tir.Schedule, mm, tile: Tile):
+    """Under the tile loop: k outermost, RI rows x NV vectors unrolled, lanes vectorized
+    (LLVM unrolls k by 2 itself and keeps the RI*NV accumulators in registers)."""
     i, j, k = sch.get_loops(mm)[-3:]
-    if unroll_k > 1:
-        k, ku = sch.split(k, [None, unroll_k])
-        sch.reorder(k, ku, i, j)
-        sch.unroll(ku)
-    else:
-        sch.reorder(k, i, j)
+    sch.reorder(k, i, j)
     jv, lane = sch.split(j, [tile.vecs, tile.lanes])
     sch.unroll(i)
     sch.unroll(jv)
@@ -319,7 +317,7 @@ def pack_or_copy(sch: s_tir.Schedule, func, mm, shape: Matmul, copies: dict, col
 
 
 def schedule_fp32(sch: s_tir.Schedule, func, mm, shape: Matmul, tile: Tile) -> None:
-    out, copies = prepare_output(sch, mm, shape, {shape.j: tile.cols})
+    out, copies = prepare_output(sch, mm, shape, {shape.j: tile.cols}, tile.lanes)
     # An activation Y with j not innermost (Q @ K^T with the transpose fused in) would need
     # a gather per vector: repack it per call into panels instead.
     strided = shape.rhs_j_axis != len(shape.rhs.shape) - 1
