@@ -14,6 +14,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import dlight
 
+from .conv import Conv2D
 from .int8 import Int8MatmulRule
 from .matmul import MatmulRule
 
@@ -47,6 +48,9 @@ def block_names(func: tvm.tirx.PrimFunc) -> list[str]:
 # (name, factory, kernels to skip: block-name substring -> the measurement that decided it).
 # Order matters: specific op classes first, generic fallbacks last.
 RULES: list[tuple[str, Callable[[], dlight.ScheduleRule], dict[str, str]]] = [
+    # NCHW conv2d + fused epilogue (conv.py): 3x3 64ch 56x56 ~1.1x onnxruntime's time,
+    # ResNet-18 ~1.0x; replaces leaving convs unscheduled (dlight.reduction's skip below).
+    ("conv2d", Conv2D, {}),
     ("matmul", MatmulRule, {}),
     ("matmul.int8", Int8MatmulRule, {}),
     ("dlight.gemv", dlight.cpu.GEMV, {}),
