@@ -26,14 +26,14 @@ from .isa import ISA, isa_of
 
 INT8 = ("int8", "uint8")
 
-# Micro-kernel rows RI for NV accumulator vectors per row, by instruction family. Besides
-# RI*NV accumulators the i16 paths need NV widened weight vectors and a broadcast temp, and
-# each row's broadcast costs 4 instructions there (load, widen, broadcast), so they prefer
-# few rows and wide panels (AVX2 2x4: ~15% faster than 4x2 at 1024x384x1536, noisy).
+# Micro-kernel rows RI for NV accumulator vectors per row, by instruction family: RI*NV
+# accumulators, NV weight vectors (widened to int16 on the i16 paths) and a broadcast must
+# fit the register file. Measured at 1024x384x1536 (noisy, 2 shared cores): VNNI tiles from
+# 3x6 to 12x2 within 5% of each other; AVX2 6x2 ~10% ahead of 2x4 and 4x2.
 TILES: dict[str, dict[int, int]] = {
     "vnni_u8s8": {4: 6, 3: 8, 2: 12, 1: 16},        # 32 zmm, 16 int32 lanes
-    "vnni_i16": {6: 3, 4: 4, 3: 8, 2: 12, 1: 16},
-    "avx2_i16": {4: 2, 3: 3, 2: 4, 1: 8},            # 16 ymm, 8 int32 lanes
+    "vnni_i16": {4: 6, 3: 8, 2: 12, 1: 16},
+    "avx2_i16": {2: 6, 1: 8},                       # 16 ymm, 8 int32 lanes
 }
 
 
@@ -47,6 +47,8 @@ def schedule_int8(sch: s_tir.Schedule, func, mm, shape: mm_rule.Matmul, tile: mm
                   intrin: DotIntrin) -> None:
     multiples = {shape.i: tile.rows, shape.j: tile.cols, shape.k: intrin.kp}
     out, copies = mm_rule.prepare_output(sch, mm, shape, multiples, tile.lanes)
+    if intrin.kp == 2:
+        widen_lhs(sch, mm, shape, copies)
     # the instruction reads kp consecutive k per lane: activations get packed too, per call
     packed = mm_rule.pack_or_copy(sch, func, mm, shape, copies, tile.cols, intrin.kp,
                                   tile.lanes, pack_activations=True)
@@ -64,6 +66,21 @@ def schedule_int8(sch: s_tir.Schedule, func, mm, shape: mm_rule.Matmul, tile: mm
     sch.tensorize(lane, intrin.name)
     mm_rule.vectorize_tile(sch, ei, ej, tile)
     mm_rule.vectorize_init(sch, init)
+
+
+def widen_lhs(sch: s_tir.Schedule, mm, shape: mm_rule.Matmul, copies: dict) -> None:
+    """The int16-pair instructions want X's pair (x[k], x[k+1]) as int16s in one int32 to
+    broadcast: widen X once per call (a copy of M*K) so that is a single broadcast load
+    instead of load + sign-extend + broadcast per row and k pair (~4 instructions)."""
+    copy = next((b for buf, b in copies.items() if buf.same_as(shape.lhs)), None)
+    if copy is None:
+        copy = sch.cache_read(mm, _read_index(sch, mm, shape.lhs), "global")
+        copies[shape.lhs] = copy
+    sch.unsafe_set_dtype(copy, 0, "int16")  # exact: int16 holds every int8 and uint8 value
+
+
+def _read_index(sch, block, buffer) -> int:
+    return next(i for i, r in enumerate(sch.get(block).reads) if r.source.same_as(buffer))
 
 
 class Int8MatmulRule(dlight.ScheduleRule):

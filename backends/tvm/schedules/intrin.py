@@ -11,6 +11,9 @@ lane, B packed lane-major with kp consecutive k per lane (the int8 rule's weight
     avx2_i16       8 x 2   vpmaddwd ymm + vpaddd, widened to int16: exact; the faster
                            vpmaddubsw pair (u8 x s8) saturates in int16 (255*127*2 > 32767)
 
+The int16-pair ones read A from an int16 copy of the activations that the schedule makes
+once per call, so broadcasting a pair is one load (or an embedded {1to16} operand).
+
 Registered on first use: parsing TVMScript is slow once torch is imported, and a model without
 int8 matmuls should not pay for it.
 """
@@ -32,9 +35,13 @@ class DotIntrin:
     kp: int      # k values per lane per instruction (the weight panel's inner pack)
 
 
-def _desc(lanes: int, kp: int, a_dtype: str, b_dtype: str):
+def _desc(lanes: int, kp: int, a_dtype: str, b_dtype: str, a_widened: bool):
+    """a_widened: A is an int16 copy of `a_dtype` data; the kernel reads it as the cast back
+    that unsafe_set_dtype leaves in the block (int32(a_dtype(A16))), exact by construction."""
+    a_buf = "int16" if a_widened else a_dtype
+
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((kp,), a_dtype, offset_factor=1),
+    def desc(A: T.Buffer((kp,), a_buf, offset_factor=1),
              B: T.Buffer((lanes, kp), b_dtype, offset_factor=1),
              C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
         with T.sblock("root"):
@@ -43,7 +50,11 @@ def _desc(lanes: int, kp: int, a_dtype: str, b_dtype: str):
             for i, k in T.grid(lanes, kp):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+                    if a_widened:
+                        C[vi] = C[vi] + T.Cast("int32", T.Cast(a_dtype, A[vk])) \
+                            * T.Cast("int32", B[vi, vk])
+                    else:
+                        C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
 
     return desc
 
@@ -65,19 +76,20 @@ def _vnni_u8s8():
     return impl
 
 
-def _i16_pairs(lanes: int, a_dtype: str, b_dtype: str, vnni: bool):
-    """Widen both operands to int16 (sign or zero, by dtype), multiply-add adjacent pairs."""
+def _i16_pairs(lanes: int, b_dtype: str, vnni: bool):
+    """A is already int16 (widened per call, see int8.widen_lhs): its pair is one int32 to
+    broadcast. B is widened here (sign or zero, by dtype); adjacent pairs multiply-add."""
     wide = f"int16x{2 * lanes}"
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((2,), a_dtype, offset_factor=1),
+    def impl(A: T.Buffer((2,), "int16", offset_factor=1),
              B: T.Buffer((lanes, 2), b_dtype, offset_factor=1),
              C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
             T.writes(C[0:lanes])
-            pair = T.reinterpret(T.Cast("int16x2", A.vload([0], f"{a_dtype}x2")), dtype="int32")
-            a = T.reinterpret(T.broadcast(pair, lanes), dtype=wide)
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"),
+                                          lanes), dtype=wide)
             b = T.Cast(wide, B.vload([0, 0], f"{b_dtype}x{2 * lanes}"))
             if vnni:
                 C[T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
@@ -92,7 +104,8 @@ def _i16_pairs(lanes: int, a_dtype: str, b_dtype: str, vnni: bool):
 
 
 def dot_intrin(kind: str, a_dtype: str, b_dtype: str) -> DotIntrin:
-    """The intrinsic for an ISA class ("vnni" or "avx2") and operand dtypes, registered."""
+    """The intrinsic for an ISA class ("vnni" or "avx2") and operand dtypes, registered. The
+    int16-pair ones (kp=2) read A from an int16 copy the schedule makes (int8.widen_lhs)."""
     if kind == "vnni" and (a_dtype, b_dtype) == ("uint8", "int8"):
         return _register("vnni_u8s8", 16, 4, a_dtype, b_dtype)
     if kind == "vnni":
@@ -106,6 +119,7 @@ def _register(family: str, lanes: int, kp: int, a_dtype: str, b_dtype: str) -> D
     if family == "vnni_u8s8":
         impl = _vnni_u8s8()
     else:
-        impl = _i16_pairs(lanes, a_dtype, b_dtype, vnni=family == "vnni_i16")
-    TensorIntrin.register(name, _desc(lanes, kp, a_dtype, b_dtype), impl, override=True)
+        impl = _i16_pairs(lanes, b_dtype, vnni=family == "vnni_i16")
+    TensorIntrin.register(name, _desc(lanes, kp, a_dtype, b_dtype, a_widened=kp == 2), impl,
+                          override=True)
     return DotIntrin(name, family, lanes, kp)
