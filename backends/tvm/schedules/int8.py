@@ -10,8 +10,9 @@ instruction's kp:
             dot instruction (L int32 lanes x kp products)
 
 Weights are packed as Yp[N/cols, K/kp, cols, kp] so each instruction reads one contiguous
-vector. M, N and K are padded to the tile (zeros add nothing to a dot product); tensorize
-cannot take a block with a predicate, so unlike the fp32 rule an M tail pads too.
+vector (an activation Y is packed per call). M, N and K are padded to the tile (zeros add
+nothing to a dot product); tensorize cannot take a block with a predicate, so unlike the
+fp32 rule an M tail pads too. On the int16-pair paths X is widened to int16 once per call.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
+from . import layout
 from . import matmul as mm_rule
 from .intrin import DotIntrin, dot_intrin
 from .isa import ISA, isa_of
@@ -74,13 +76,9 @@ def widen_lhs(sch: s_tir.Schedule, mm, shape: mm_rule.Matmul, copies: dict) -> N
     instead of load + sign-extend + broadcast per row and k pair (~4 instructions)."""
     copy = next((b for buf, b in copies.items() if buf.same_as(shape.lhs)), None)
     if copy is None:
-        copy = sch.cache_read(mm, _read_index(sch, mm, shape.lhs), "global")
+        copy = sch.cache_read(mm, layout.read_index(sch, mm, shape.lhs), "global")
         copies[shape.lhs] = copy
     sch.unsafe_set_dtype(copy, 0, "int16")  # exact: int16 holds every int8 and uint8 value
-
-
-def _read_index(sch, block, buffer) -> int:
-    return next(i for i, r in enumerate(sch.get(block).reads) if r.source.same_as(buffer))
 
 
 class Int8MatmulRule(dlight.ScheduleRule):

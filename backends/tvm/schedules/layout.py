@@ -53,7 +53,7 @@ def pack_input(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, buffer: tirx
     sizes that do not divide the dimension); the kernel must not rely on other padding.
     preproc=False: an activation (not a constant); the copy stays in the kernel, per call,
     and the caller schedules it."""
-    copy = sch.cache_read(block, _read_index(sch, block, buffer), "global")
+    copy = sch.cache_read(block, read_index(sch, block, buffer), "global")
     return _relayout(sch, copy, block, index_map, pad_value, preproc)
 
 
@@ -69,14 +69,15 @@ def pack_producer(sch: s_tir.Schedule, producer: s_tir.schedule.SBlockRV,
 
 def _relayout(sch, copy, consumer, index_map, pad_value, preproc):
     written = sch.get(copy).writes[0].source
-    sch.transform_layout(consumer, ("read", _read_index(sch, consumer, written)), index_map,
+    sch.transform_layout(consumer, ("read", read_index(sch, consumer, written)), index_map,
                          pad_value=pad_value)
     if preproc:
         sch.annotate(copy, PREPROC, True)
     return copy
 
 
-def _read_index(sch, block, buffer) -> int:
+def read_index(sch: s_tir.Schedule, block, buffer: tirx.Buffer) -> int:
+    """Position of `buffer` among `block`'s reads (what cache_read and transform_layout take)."""
     reads = [r.source for r in sch.get(block).reads]
     for i, b in enumerate(reads):
         if b.same_as(buffer):
