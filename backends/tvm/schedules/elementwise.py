@@ -1,0 +1,89 @@
+"""Injective kernels (elementwise math, broadcasts, transposes, reshapes that copy, padding,
+gathers, GELU when it is not fused into a matmul): the last rule in the table, so no kernel
+stays a serial scalar loop nest.
+
+Every block but the outputs is inlined into its consumer; each remaining block runs as one
+parallel loop over its outer dimensions with the innermost ones split into vectors.
+Transposes keep their strided reads (LLVM gathers them); the stores are contiguous.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.schedule import ScheduleError
+
+from .isa import isa_of
+
+RULE_MARK = "graphc.schedule"
+# Below this many elements a kernel runs on one thread: waking the pool costs more (a few
+# microseconds) than the copy.
+MIN_PARALLEL = 16384
+
+
+class Injective(dlight.ScheduleRule):
+    """Kernels whose blocks are all spatial (no reduction) on LLVM CPU targets."""
+
+    def apply(self, func, target: tvm.target.Target, _tunable: bool):
+        if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        if not blocks or any(int(v.iter_type) != 0 for b in blocks for v in sch.get(b).iter_vars):
+            return None
+        for b in blocks[:-1]:
+            _try_inline(sch, b)
+        lanes = isa_of(target).f32_lanes
+        for b in _root_blocks(sch):
+            parallel_vectorize(sch, b, lanes)
+            sch.annotate(b, RULE_MARK, "injective")
+        return sch
+
+
+def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """One parallel loop over the outer dimensions, the inner ones fused until they fill a
+    vector, then split into vectors of `lanes` elements (a tail loop where it does not
+    divide)."""
+    loops = sch.get_loops(block)
+    extents = [_extent(sch, lp) for lp in loops]
+    if not loops or any(e is None for e in extents):
+        return  # symbolic shapes: leave the loop nest alone
+    k = len(loops) - 1  # fuse innermost loops until they hold a whole vector
+    inner = extents[k]
+    while k > 0 and inner < lanes:
+        k -= 1
+        inner *= extents[k]
+    vec_loop = sch.fuse(*loops[k:]) if k < len(loops) - 1 else loops[k]
+    outer = loops[:k]
+    vec_width = min(lanes, inner)
+    _, vec = sch.split(vec_loop, [None, vec_width])
+    if vec_width > 1:
+        sch.vectorize(vec)
+    total = 1
+    for e in extents:
+        total *= e
+    if outer and total >= MIN_PARALLEL:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    elif not outer and total >= MIN_PARALLEL:
+        rest = sch.get_loops(block)[-2]  # the vector loop's outer part
+        sch.parallel(rest)
+
+
+def _try_inline(sch: s_tir.Schedule, block) -> None:
+    try:
+        sch.compute_inline(block)
+    except ScheduleError:
+        try:
+            sch.reverse_compute_inline(block)
+        except ScheduleError:
+            pass  # an output of the kernel, or read in a way that cannot be inlined
+
+
+def _root_blocks(sch: s_tir.Schedule) -> list:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None

@@ -1,0 +1,75 @@
+"""2-D max/avg pooling (NCHW): a window reduction per output pixel, with TOPI's padding copy
+before it and, for avg pooling, the divide (and whatever FuseOps added) after it.
+
+The output row is cut into vectors; for each vector the window taps accumulate into one
+register (compute_at under the output tile), so the reduction runs on vectors of output
+columns, parallel over (batch, channel, row). Global average pooling is a `mean` and goes to
+the reduction rule instead.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+
+from .elementwise import parallel_vectorize
+from .isa import isa_of
+
+RULE_MARK = "graphc.schedule"
+
+
+class Pool2D(dlight.ScheduleRule):
+    """TOPI pool2d kernels (pool_max / pool_sum blocks) on LLVM CPU targets."""
+
+    def apply(self, func, target: tvm.target.Target, _tunable: bool):
+        if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        kinds = [[int(v.iter_type) for v in sch.get(b).iter_vars] for b in blocks]
+        pools = [i for i, b in enumerate(blocks)
+                 if sch.get(b).name_hint in ("pool_max", "pool_sum") and kinds[i] == [0] * 4 + [2] * 2]
+        if len(pools) != 1 or pools[0] > 1 or any(2 in k for k in kinds[pools[0] + 1:]):
+            return None
+        pool = blocks[pools[0]]
+        ext = [int(v.dom.extent) for v in sch.get(pool).iter_vars]
+        after = blocks[pools[0] + 1:]
+        if any([int(v.dom.extent) for v in sch.get(b).iter_vars] != ext[:4] for b in after):
+            return None  # something of another shape after the pool: not this rule's kernel
+        lanes = isa_of(target).f32_lanes
+        if pools[0] == 1:
+            pad = blocks[0]
+            if _has_if(sch.get(pad)):
+                parallel_vectorize(sch, pad, lanes)  # padding copy: its own parallel stage
+            else:
+                sch.compute_inline(pad)
+        schedule_window(sch, pool, after, ext[3], lanes)
+        return sch
+
+
+def schedule_window(sch: s_tir.Schedule, pool, after: list, ow: int, lanes: int) -> None:
+    """Output tiles of one row x `vb` columns; the window loops run outside the vector."""
+    if after:
+        for b in after[:-1]:
+            sch.compute_inline(b)
+        out = after[-1]
+    else:
+        out = sch.cache_write(pool, 0, "global")
+    vb = min(lanes, ow)
+    n, c, h, w = sch.get_loops(out)
+    w0, w1 = sch.split(w, [None, vb])
+    sch.parallel(sch.fuse(n, c, h))
+    sch.compute_at(pool, w0, preserve_unit_loops=True)
+    cw, kh, kw = sch.get_loops(pool)[-3:]
+    sch.reorder(kh, kw, cw)
+    sch.unroll(kw)
+    if vb > 1:
+        sch.vectorize(cw)
+        sch.vectorize(w1)
+    sch.decompose_reduction(pool, kh)
+    sch.annotate(out, RULE_MARK, "pool2d")
+
+
+def _has_if(block_stmt) -> bool:
+    return bool(tvm.get_global_func("s_tir.schedule.HasIfThenElse")(block_stmt))
