@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import resource
 import tempfile
 import time
@@ -229,14 +230,16 @@ def other_load(result: dict):
 
 def interleave(variants: list[Variant], *, repeat: int, warmup: int, budget_s: float,
                gap_s: float, min_rounds: int = 3) -> int:
-    """Time the variants round-robin; returns the number of rounds. Stops after `repeat`
-    rounds, or earlier once `budget_s` is spent and at least `min_rounds` are done."""
+    """Time the variants round-robin, each round in a random order (seeded); returns the
+    number of rounds. Stops after `repeat` rounds, or earlier once `budget_s` is spent and at
+    least `min_rounds` are done."""
     for v in variants:
         for _ in range(warmup):
             v.call()
-    start, rounds, n = time.perf_counter(), 0, len(variants)
-    for r in range(repeat):
-        for v in variants[r % n:] + variants[:r % n]:
+    rng = random.Random(0)
+    start, rounds = time.perf_counter(), 0
+    for _ in range(repeat):
+        for v in rng.sample(variants, len(variants)):
             time.sleep(gap_s)
             t0 = time.perf_counter()
             v.call()
