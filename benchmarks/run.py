@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first")
     p.add_argument("--budget-s", type=float, default=90.0,
                    help="stop a model's rounds after this many seconds (at least 3 rounds)")
-    p.add_argument("--gap-ms", type=float, default=20.0,
+    p.add_argument("--gap-ms", type=float, default=200.0,
                    help="pause before each timed call (lets other runtimes' threads idle)")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="output JSON path ('-': none)")
     return p
