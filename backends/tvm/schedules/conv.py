@@ -24,6 +24,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
+from .elementwise import parallel_rows
 from .isa import ISA, isa_of
 from .layout import pack_input
 
@@ -195,26 +196,14 @@ def schedule_pad(c: Conv, lanes: int) -> None:
         sch.compute_inline(c.pad)
         c.pad = None
         return
-    loops = sch.get_loops(c.pad)
-    sch.parallel(sch.fuse(*loops[:2]))
-    _, vec = sch.split(loops[-1], [None, lanes])
-    sch.vectorize(vec)
+    parallel_rows(sch, c.pad, lanes)
 
 
 def schedule_tail(c: Conv, lanes: int) -> None:
-    """Blocks after the epilogue with another shape (the next layer's F.pad): plain
-    parallel + vectorized copies."""
+    """Blocks after the epilogue with another shape (the next layer's F.pad): parallel,
+    vectorized copies."""
     for b in c.tail:
-        injective(c.sch, b, lanes)
-
-
-def injective(sch: s_tir.Schedule, block: Block, lanes: int) -> None:
-    loops = sch.get_loops(block)
-    if len(loops) > 1:
-        sch.parallel(sch.fuse(*loops[:-1]))
-    if len(loops) >= 1:
-        _, vec = sch.split(loops[-1], [None, lanes])
-        sch.vectorize(vec)
+        parallel_rows(c.sch, b, lanes)
 
 
 def _has_if(block_stmt) -> bool:

@@ -13,7 +13,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
-from .elementwise import parallel_vectorize
+from .elementwise import parallel_rows
 from .isa import isa_of
 
 RULE_MARK = "graphc.schedule"
@@ -41,7 +41,7 @@ class Pool2D(dlight.ScheduleRule):
         if pools[0] == 1:
             pad = blocks[0]
             if _has_if(sch.get(pad)):
-                parallel_vectorize(sch, pad, lanes)  # padding copy: its own parallel stage
+                parallel_rows(sch, pad, lanes)  # padding copy: its own parallel stage
             else:
                 sch.compute_inline(pad)
         schedule_window(sch, pool, after, ext[3], lanes)
