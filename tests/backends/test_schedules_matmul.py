@@ -64,15 +64,14 @@ def build(make, config: dict, with_asm: bool = False):
     return mod, vm
 
 
-def dense_fn(w: np.ndarray, epilogue: str = "", bias=None, batch: int | None = None):
-    """x[(batch,) M, K] @ W (a constant) then the epilogue ops; residual is a second input."""
-    m_shape = None
+def dense_fn(w: np.ndarray, x_shape: tuple, epilogue: str = "", bias=None):
+    """x[x_shape] @ W (a constant), then the epilogue ops; a residual is a second input."""
 
     def make(bb):
-        x = relax.Var("x", relax.TensorType(m_shape, str(w.dtype)))
+        x = relax.Var("x", relax.TensorType(x_shape, str(w.dtype)))
         params = [x]
         if "residual" in epilogue:
-            params.append(relax.Var("r", relax.TensorType((*m_shape[:-1], w.shape[1]),
+            params.append(relax.Var("r", relax.TensorType((*x_shape[:-1], w.shape[1]),
                                                           "float32")))
         with bb.function("main", params):
             with bb.dataflow():
@@ -88,12 +87,7 @@ def dense_fn(w: np.ndarray, epilogue: str = "", bias=None, batch: int | None = N
                 out = bb.emit_output(y)
             bb.emit_func_output(out)
 
-    def with_shape(shape):
-        nonlocal m_shape
-        m_shape = shape
-        return make
-
-    return with_shape
+    return make
 
 
 def matmul_kernels(mod) -> dict[str, tvm.tirx.PrimFunc]:
@@ -149,7 +143,7 @@ def test_dense_scheduled_packed_and_exact(config, m, k, n, epilogue):
     rng = np.random.default_rng(m * 1000 + n)
     w = rng.standard_normal((k, n)).astype("float32")
     bias = rng.standard_normal(n).astype("float32") if "bias" in epilogue else None
-    mod, vm = build(dense_fn(w, epilogue, bias)((m, k)), config)
+    mod, vm = build(dense_fn(w, (m, k), epilogue, bias), config)
 
     kernels = matmul_kernels(mod)
     assert len(kernels) == 1, "the epilogue must stay in the matmul's kernel"
@@ -177,7 +171,7 @@ def test_dense_on_3d_input(config):
     # x[B, S, K] @ W without a reshape: a batch loop over a broadcast weight, packed once
     rng = np.random.default_rng(5)
     w = rng.standard_normal((7, 19)).astype("float32")
-    mod, vm = build(dense_fn(w)((3, 5, 7)), config)
+    mod, vm = build(dense_fn(w, (3, 5, 7)), config)
     assert len(matmul_kernels(mod)) == 1 and len(packed_constants(mod)) == 1
     x = rng.standard_normal((3, 5, 7)).astype("float32")
     assert_close(vm["main"](tvm.runtime.tensor(x)).numpy(), x @ w)
@@ -189,7 +183,7 @@ def test_tile_follows_isa():
     marks = {}
     for name, config in (("avx2", AVX2), ("avx512", AVX512)):
         bb = relax.BlockBuilder()
-        dense_fn(w)((32, 64))(bb)
+        dense_fn(w, (32, 64))(bb)
         tgt = tvm.target.Target(config)
         with tvm.transform.PassContext(opt_level=3), tgt:
             mod = tvm.transform.Sequential(pipeline.optimize_passes(tgt))(bb.get())
