@@ -29,6 +29,9 @@ from .isa import ISA, isa_of
 from .layout import pack_input
 
 RULE_MARK = "graphc.schedule"  # block annotation naming the rule that scheduled a kernel
+# Below this many flops a conv runs on one thread: waking the thread pool costs more than
+# it saves (zoo depthwise_separable, 12 channels 10x10: 0.022 ms serial, 0.041 ms parallel).
+MIN_PARALLEL_FLOPS = 1_000_000
 
 Block = s_tir.schedule.SBlockRV
 
@@ -55,6 +58,11 @@ class Conv:
     @property
     def groups(self) -> int:
         return self.ic // self.icg
+
+    @property
+    def parallel(self) -> bool:
+        flops = 2 * self.n * self.oc * self.oh * self.ow * self.icg * self.kh * self.kw
+        return flops >= MIN_PARALLEL_FLOPS
 
     @property
     def depthwise(self) -> bool:
@@ -196,14 +204,19 @@ def schedule_pad(c: Conv, lanes: int) -> None:
         sch.compute_inline(c.pad)
         c.pad = None
         return
-    parallel_rows(sch, c.pad, lanes)
+    parallel_rows(sch, c.pad, lanes, c.parallel)
 
 
 def schedule_tail(c: Conv, lanes: int) -> None:
     """Blocks after the epilogue with another shape (the next layer's F.pad): parallel,
     vectorized copies."""
     for b in c.tail:
-        parallel_rows(c.sch, b, lanes)
+        parallel_rows(c.sch, b, lanes, c.parallel)
+
+
+def _parallel(c: Conv, loop) -> None:
+    if c.parallel:
+        c.sch.parallel(loop)
 
 
 def _has_if(block_stmt) -> bool:
@@ -227,7 +240,7 @@ def schedule_channel_vector(c: Conv, vb: int, nv: int, nw: int) -> None:
     o0, o1 = sch.split(o, [None, t])
     w0, w1 = sch.split(w, [None, nw])
     sch.reorder(n, o0, h, w0, o1, w1)
-    sch.parallel(sch.fuse(n, o0, h))
+    _parallel(c, sch.fuse(n, o0, h))
     sch.compute_at(c.conv, w0, preserve_unit_loops=True)
     _, co, _, cw, rc, ry, rx = sch.get_loops(c.conv)[-7:]
     cv, cl = sch.split(co, [nv, vb])
@@ -260,7 +273,7 @@ def schedule_pointwise(c: Conv, vb: int, no: int, nwv: int) -> None:
     p0, p1 = sch.split(p, [None, nwv * vb])
     sch.reorder(n, o0, p0, o1, p1)
     tile = sch.fuse(n, o0, p0)
-    sch.parallel(tile)
+    _parallel(c, tile)
     sch.compute_at(c.conv, tile, preserve_unit_loops=True)
     _, co, cp, rc, ry, rx = sch.get_loops(c.conv)[-6:]
     pv, pl = sch.split(cp, [nwv, vb])
@@ -284,7 +297,7 @@ def schedule_depthwise(c: Conv, vb: int, nwv: int, nh: int) -> None:
     h0, h1 = sch.split(h, [None, nh])
     w0, w1 = sch.split(w, [None, nwv * vb])
     sch.reorder(n, ch, h0, w0, h1, w1)
-    sch.parallel(sch.fuse(n, ch))
+    _parallel(c, sch.fuse(n, ch))
     sch.compute_at(c.conv, w0, preserve_unit_loops=True)
     _, _, ch_, cw, rc, ry, rx = sch.get_loops(c.conv)[-7:]
     wv, wl = sch.split(cw, [nwv, vb])

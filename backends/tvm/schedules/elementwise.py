@@ -65,13 +65,15 @@ def schedule_padding(sch: s_tir.Schedule, block, lanes: int) -> bool:
     return True
 
 
-def parallel_rows(sch: s_tir.Schedule, block, lanes: int) -> None:
+def parallel_rows(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) -> None:
     """Parallel over all axes but the last, vectors along the last (a padding copy inside a
     conv or pool kernel: LLVM turns its bounds test into zero-filled row edges and whole
     vector row copies, measured faster there than decompose_padding's fill-then-copy)."""
     loops = sch.get_loops(block)
     if len(loops) > 1:
-        sch.parallel(sch.fuse(*loops[:-1]))
+        outer = sch.fuse(*loops[:-1])
+        if parallel:
+            sch.parallel(outer)
     width = _extent(sch, loops[-1])
     if width is not None and width > 1:
         _, vec = sch.split(loops[-1], [None, min(lanes, width)])

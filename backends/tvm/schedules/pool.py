@@ -13,7 +13,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
-from .elementwise import parallel_rows
+from .elementwise import MIN_PARALLEL, parallel_rows
 from .isa import isa_of
 
 RULE_MARK = "graphc.schedule"
@@ -38,17 +38,20 @@ class Pool2D(dlight.ScheduleRule):
         if any([int(v.dom.extent) for v in sch.get(b).iter_vars] != ext[:4] for b in after):
             return None  # something of another shape after the pool: not this rule's kernel
         lanes = isa_of(target).f32_lanes
+        taps = ext[0] * ext[1] * ext[2] * ext[3] * ext[4] * ext[5]  # work, for the pool's wake-up
         if pools[0] == 1:
             pad = blocks[0]
             if _has_if(sch.get(pad)):
-                parallel_rows(sch, pad, lanes)  # padding copy: its own parallel stage
+                # padding copy: its own (parallel) stage
+                parallel_rows(sch, pad, lanes, taps >= MIN_PARALLEL)
             else:
                 sch.compute_inline(pad)
-        schedule_window(sch, pool, after, ext[3], lanes)
+        schedule_window(sch, pool, after, ext[3], lanes, taps)
         return sch
 
 
-def schedule_window(sch: s_tir.Schedule, pool, after: list, ow: int, lanes: int) -> None:
+def schedule_window(sch: s_tir.Schedule, pool, after: list, ow: int, lanes: int,
+                    taps: int) -> None:
     """Output tiles of one row x `vb` columns; the window loops run outside the vector."""
     if after:
         for b in after[:-1]:
@@ -59,7 +62,9 @@ def schedule_window(sch: s_tir.Schedule, pool, after: list, ow: int, lanes: int)
     vb = min(lanes, ow)
     n, c, h, w = sch.get_loops(out)
     w0, w1 = sch.split(w, [None, vb])
-    sch.parallel(sch.fuse(n, c, h))
+    rows = sch.fuse(n, c, h)
+    if taps >= MIN_PARALLEL:
+        sch.parallel(rows)
     sch.compute_at(pool, w0, preserve_unit_loops=True)
     cw, kh, kw = sch.get_loops(pool)[-3:]
     sch.reorder(kh, kw, cw)
