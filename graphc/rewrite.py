@@ -42,12 +42,18 @@ class Miss:
         return f"{self.rule} at %{self.node}: {self.reason}"
 
 
-def apply_rules(g: Graph, rules: list[Rule], max_iters: int = 10) -> tuple[Graph, list[Miss]]:
+def apply_rules(g: Graph, rules: list[Rule], max_iters: int | None = None
+                ) -> tuple[Graph, list[Miss]]:
     """Apply rules greedily to a fixed point on a copy of g; g itself is left unchanged.
 
-    Returns (g, misses) unchanged when no rule fired, so callers can tell "changed" cheaply.
+    Each iteration makes one rewrite, so max_iters bounds the rewrites (default: one per node
+    of g, enough for rules that remove what they match; a fixed 10 left 42 of MobileNetV2's 52
+    batchnorms unfolded). Returns (g, misses) unchanged when no rule fired, so callers can
+    tell "changed" cheaply.
     """
     out, misses = None, []
+    if max_iters is None:
+        max_iters = len(g.gm.graph.nodes) + 1
     for _ in range(max_iters):
         fired, misses = False, []
         for node in list((out or g).gm.graph.nodes):

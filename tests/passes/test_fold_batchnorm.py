@@ -106,3 +106,12 @@ def test_training_mode_batchnorm_is_not_matched():
 
     g2 = graphc.trace(Train(), (torch.randn(2, 3, 4, 4),))
     assert fold_batchnorm(g2) is g2
+
+
+def test_folds_every_batchnorm_of_a_deep_net():
+    # One rewrite per apply_rules iteration: a fixed cap of 10 once left the rest unfolded.
+    layers = []
+    for _ in range(14):
+        layers += [nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)]
+    m = randomize_batchnorm(nn.Sequential(*layers))
+    _fold_and_check(m, (torch.randn(1, 4, 6, 6),))
