@@ -18,7 +18,7 @@ them there. Two schedules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tvm
 from tvm import s_tir, tirx
@@ -53,7 +53,6 @@ class Conv:
     kw: int
     ic: int
     stride_w: int
-    extra: dict = field(default_factory=dict)
 
     @property
     def groups(self) -> int:
