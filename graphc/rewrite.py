@@ -104,6 +104,29 @@ def is_weight(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
+def is_constant(node) -> bool:
+    """True when node's value depends on weights and literals only, not on a user input."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        if n.op == "placeholder" or (n.op == "call_function" and n.is_impure()):
+            return False
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+def const_value(g: Graph, node: fx.Node) -> torch.Tensor:
+    """Evaluate a constant operand (a weight, possibly permuted or reshaped)."""
+    if node.op == "get_attr":
+        return g.weight(node)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: const_value(g, n))
+    with torch.no_grad():
+        return node.target(*args, **kwargs)
+
+
 def only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None

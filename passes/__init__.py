@@ -3,4 +3,9 @@
 One technique per module. Each pass is a function Graph -> Graph registered by name.
 """
 
-from graphc.passes import cleanup, fold_batchnorm, quantize  # noqa: F401  (registers them)
+from graphc.passes import (  # noqa: F401  (registers them)
+    cleanup,
+    fold_batchnorm,
+    fold_fake_quant,
+    quantize,
+)

@@ -42,7 +42,7 @@ from graphc.passes.quant_policy import (
     plan,
 )
 from graphc.passes.quant_report import quant_report
-from graphc.rewrite import add_weight
+from graphc.rewrite import add_weight, const_value
 from graphc.verify import propagate
 
 log = logging.getLogger("graphc")
@@ -142,7 +142,7 @@ def _weight_fq(g: Graph, operand: fx.Node, layer: Layer, scheme: QuantScheme,
     key = (layer.node, scheme, observer)
     if key not in cache:
         obs = OBSERVERS[observer](axis=axis)
-        obs.update(_const_value(g, operand))
+        obs.update(const_value(g, operand))
         cache[key] = qparams(*obs.range(scheme.grid), scheme.grid)
     scale, zp = cache[key]
     base = layer.weight or f"{layer.node}_weight"
@@ -178,11 +178,3 @@ def _call(g: Graph, target, args: tuple, name: str) -> fx.Node:
     """A call node named after what it quantizes (%x_q, %fc1_weight_q), kept unique."""
     return g.gm.graph.create_node("call_function", target, args, name=name)
 
-
-def _const_value(g: Graph, node: fx.Node) -> torch.Tensor:
-    """Evaluate a constant operand (a weight, possibly permuted or reshaped)."""
-    if node.op == "get_attr":
-        return g.weight(node)
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _const_value(g, n))
-    with torch.no_grad():
-        return node.target(*args, **kwargs)

@@ -1,0 +1,135 @@
+"""Relax lowerings of graphc's quantization ops (graphc/ops_quant.py, graphc/ops_qint.py).
+
+Integer ops become integer Relax ops: qlinear is `matmul(x_u8, w_i8, out_dtype="int32")`
+followed by the dequantizing epilogue (subtract the zero-point correction, cast, scale, add
+bias), which FuseOps keeps in the matmul's kernel, where the int8 schedule rule
+(schedules/int8.py) runs it on the dot-product instructions. qconv2d is
+`conv2d(out_dtype="int32")` on its input, which the graph already padded with the zero point. quantize is divide, round (half to even, as
+torch.round), add, clip, cast: fused into whatever produced x.
+
+Fake-quant ops that fold-fake-quant left are emulated in float32 with the same formula.
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+
+from .lower import register_lowering
+
+op = relax.op
+
+
+def _args(node, importer) -> list:
+    """The node's arguments as Relax values (fx nodes) or plain Python values."""
+    return [importer.env[a] if hasattr(a, "op") else a for a in node.args]
+
+
+def _emit(importer, expr):
+    return importer.block_builder.emit(expr)
+
+
+def _along(v, axis: int, rank: int):
+    """A [C] vector reshaped to broadcast along `axis` of a rank-`rank` tensor."""
+    shape = [1] * rank
+    shape[axis % rank] = -1
+    return op.reshape(v, shape)
+
+
+def _rank(importer, expr) -> int:
+    return expr.ty.ndim
+
+
+def _fake_quant(x, scale, zp, qmin: int, qmax: int):
+    """(clip(round(x / scale) + zp, qmin, qmax) - zp) * scale, in float32."""
+    zpf = op.astype(zp, "float32")
+    q = op.clip(op.add(op.round(op.divide(x, scale)), zpf), float(qmin), float(qmax))
+    return op.multiply(op.subtract(q, zpf), scale)
+
+
+def _quantize(x, scale, zp, qmin: int, qmax: int):
+    q = op.clip(op.add(op.round(op.divide(x, scale)), op.astype(zp, "float32")),
+                float(qmin), float(qmax))
+    return op.astype(q, "int8" if qmin < 0 else "uint8")
+
+
+def _dynamic_qparams(importer, x, qmin: int, qmax: int):
+    """graphc.ops_quant.dynamic_qparams in Relax: (scale f32[], zero point i32[])."""
+    zero = relax.const(0.0, "float32")
+    lo = _emit(importer, op.minimum(op.min(x), zero))
+    hi = _emit(importer, op.maximum(op.max(x), zero))
+    tiny = relax.const(1e-12, "float32")
+    if qmin < 0:
+        scale = op.maximum(op.divide(op.maximum(op.negative(lo), hi),
+                                     relax.const(float(qmax), "float32")), tiny)
+        return _emit(importer, scale), relax.const(0, "int32")
+    scale = _emit(importer, op.maximum(
+        op.divide(op.subtract(hi, lo), relax.const(float(qmax - qmin), "float32")), tiny))
+    zp = op.clip(op.round(op.subtract(relax.const(float(qmin), "float32"),
+                                      op.divide(lo, scale))), float(qmin), float(qmax))
+    return scale, _emit(importer, op.astype(zp, "int32"))
+
+
+@register_lowering("graphc::fake_quant_per_tensor")
+def _fq_tensor(node, importer):
+    x, scale, zp, qmin, qmax = _args(node, importer)
+    return _emit(importer, _fake_quant(x, scale, zp, qmin, qmax))
+
+
+@register_lowering("graphc::fake_quant_per_channel")
+def _fq_channel(node, importer):
+    x, scale, zp, axis, qmin, qmax = _args(node, importer)
+    rank = _rank(importer, x)
+    return _emit(importer, _fake_quant(x, _along(scale, axis, rank), _along(zp, axis, rank),
+                                       qmin, qmax))
+
+
+@register_lowering("graphc::fake_quant_dynamic")
+def _fq_dynamic(node, importer):
+    x, qmin, qmax = _args(node, importer)
+    scale, zp = _dynamic_qparams(importer, x, qmin, qmax)
+    return _emit(importer, _fake_quant(x, scale, zp, qmin, qmax))
+
+
+@register_lowering("graphc::quantize")
+def _quantize_static(node, importer):
+    x, scale, zp, qmin, qmax = _args(node, importer)
+    return _emit(importer, _quantize(x, scale, zp, qmin, qmax))
+
+
+@register_lowering("graphc::quantize_dynamic")
+def _quantize_dyn(node, importer):
+    x, qmin, qmax = _args(node, importer)
+    scale, zp = _dynamic_qparams(importer, x, qmin, qmax)
+    q = _emit(importer, _quantize(x, scale, zp, qmin, qmax))
+    return _emit(importer, relax.Tuple([q, scale, zp]))
+
+
+def _dequant(importer, acc, x_scale, x_zp, w_scale, w_sum, bias, axis: int):
+    """(acc - x_zp * w_sum) * (x_scale * w_scale) + bias, vectors along `axis`."""
+    rank = _rank(importer, acc)
+    corr = _along(_emit(importer, op.multiply(x_zp, w_sum)), axis, rank)
+    scale = _along(_emit(importer, op.multiply(x_scale, w_scale)), axis, rank)
+    out = op.multiply(op.astype(op.subtract(acc, corr), "float32"), scale)
+    return out if bias is None else op.add(out, _along(bias, axis, rank))
+
+
+@register_lowering("graphc::qlinear")
+def _qlinear(node, importer):
+    x, xs, xz, w, ws, wsum, bias = _args(node, importer)
+    acc = _emit(importer, op.matmul(x, w, out_dtype="int32"))
+    return _emit(importer, _dequant(importer, acc, xs, xz, ws, wsum, bias, -1))
+
+
+@register_lowering("graphc::qconv2d")
+def _qconv2d(node, importer):
+    x, xs, xz, w, ws, wsum, bias, stride, dilation, groups = _args(node, importer)
+    acc = _emit(importer, op.nn.conv2d(x, w, strides=stride, padding=0, dilation=dilation,
+                                       groups=groups, out_dtype="int32"))
+    return _emit(importer, _dequant(importer, acc, xs, xz, ws, wsum, bias, 1))
+
+
+@register_lowering("graphc::qembedding")
+def _qembedding(node, importer):
+    w, ws, indices = _args(node, importer)
+    rows = op.astype(op.take(w, indices, axis=0), "float32")
+    return _emit(importer, op.multiply(rows, op.expand_dims(op.take(ws, indices, axis=0), -1)))
