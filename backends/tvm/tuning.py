@@ -203,9 +203,15 @@ def search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
     per_iter = max(1, min(64, trials, max(8, trials // len(tasks))))
     _import_tensor_intrin_quickly()
     builder, runner = _builder(), ms.runner.LocalRunner()
-    report.default_ms = measure_default_schedules(
+    report.default_ms, unmeasurable = measure_default_schedules(
         tasks, target, open_database(target, options.db, create=True, defaults=True), builder,
         runner)
+    # A kernel whose default schedule cannot be measured could only be replaced blindly by a
+    # candidate that might be slower: it keeps its default schedule, untuned.
+    tasks = [t for t in tasks if t.task_name not in unmeasurable]
+    if not tasks:
+        log.info("tuning: no kernels to tune")
+        return
     with tempfile.TemporaryDirectory(prefix="graphc-tune-") as work_dir, \
             _progress(options.progress, trials, len(tasks)) as bar:
         with _quiet_ms_logging():
@@ -226,11 +232,12 @@ def search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
 
 
 def measure_default_schedules(tasks, target: tvm.target.Target, database, builder,
-                              runner) -> dict[str, float]:
+                              runner) -> tuple[dict[str, float], set[str]]:
     """Schedule each task's kernel with the default rules (schedules/), measure it like a
-    search candidate and commit it as a tuning record; returns {task: mean ms}. A schedule
-    whose trace does not replay to the same kernel (a rule that edits TIR outside schedule
-    primitives) is left out: the database could not reproduce it."""
+    search candidate and commit it as a tuning record; returns ({task: mean ms}, the tasks
+    whose default schedule exists but could not be measured). A schedule whose trace does
+    not replay to the same kernel (a rule that edits TIR outside schedule primitives) is
+    left out: the database could not reproduce it."""
     from .schedules import default_rules
 
     rules = default_rules(target)
@@ -240,11 +247,13 @@ def measure_default_schedules(tasks, target: tvm.target.Target, database, builde
         sch = _first_schedule(rules, workload["main"], target)
         if sch is not None and _replays(sch, workload):
             seeds.append((task.task_name, workload, sch))
+    args = [_arg_info(sch) for _, _, sch in seeds]
+    unmeasurable = {seeds[i][0] for i, a in enumerate(args) if a is None}
+    seeds = [s for s, a in zip(seeds, args) if a is not None]
+    args = [a for a in args if a is not None]
     if not seeds:
-        return {}
+        return {}, unmeasurable
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in seeds])
-    args = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
-            for _, _, sch in seeds]
     ok = [i for i, b in enumerate(built) if b.error_msg is None]
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
     futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device,
@@ -263,7 +272,21 @@ def measure_default_schedules(tasks, target: tvm.target.Target, database, builde
         if b.error_msg is not None:
             log.warning("tuning: default schedule of %s did not build: %s", seeds[i][0],
                         b.error_msg.splitlines()[-1] if b.error_msg else "")
-    return times
+            unmeasurable.add(seeds[i][0])
+    unmeasurable |= {name for name, _, _ in seeds if name not in times}
+    return times, unmeasurable
+
+
+def _arg_info(sch: s_tir.Schedule):
+    """The kernel's arguments as measured with its weights already packed, or None where
+    MetaSchedule cannot strip the packing: it only removes a layout-rewrite block that is a
+    plain copy, and the conv rule's packing pads channels (an if_then_else)."""
+    try:
+        return ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+    except Exception as e:  # noqa: BLE001  (an InternalError, which is no TVMError)
+        log.info("tuning: %s keeps its default schedule: %s", sch.mod["main"].attrs.get(
+            "global_symbol", "a kernel"), str(e).strip().splitlines()[-1][:120])
+        return None
 
 
 def _first_schedule(rules, func, target):
