@@ -37,6 +37,7 @@ from graphc.frontends.onnx_ops import (
     to_torch,
     torch_dtype,
 )
+from graphc.frontends.onnx_qdq import rewrite_qdq
 from graphc.spec import TensorSpec, check_inputs
 
 MIN_OPSET = 13
@@ -202,6 +203,7 @@ class OnnxModule(torch.nn.Module):
                  opset)
             for i, p in enumerate(graph.node)
         ]
+        nodes, inits = rewrite_qdq(nodes, inits, self.output_names)  # quantized models
         env = self._initial_env(inits)
         self._plan = [node for node in nodes if self._plan_node(node, env, inits)]
         self._attr = self._register(inits, env)
@@ -218,7 +220,7 @@ class OnnxModule(torch.nn.Module):
 
     def _plan_node(self, node: Node, env: dict, inits: dict) -> bool:
         """Evaluate a node at load time (folded, or on meta tensors); True if forward runs it."""
-        opdef = op_table().get(node.op_type) if node.domain in _DEFAULT_DOMAINS else None
+        opdef = op_table().get(node.op)
         if opdef is None:
             raise UnsupportedOpError(f"unsupported ONNX op: {node} has no rule in graphc's ONNX "
                                      "frontend (graphc/frontends/onnx_ops*.py)")
@@ -253,7 +255,7 @@ class OnnxModule(torch.nn.Module):
         used, stats = [], set()
         for node in self._plan:
             used += [n for i, n in enumerate(node.inputs) if n and i not in node.bound]
-            stats.update(node.inputs[i] for i in op_table()[node.op_type].stats
+            stats.update(node.inputs[i] for i in op_table()[node.op].stats
                          if i < len(node.inputs))
             produced.update(n for n in node.outputs if isinstance(env.get(n), torch.Tensor))
         taken, attrs = set(dir(self)), {}
@@ -282,7 +284,7 @@ class OnnxModule(torch.nn.Module):
         for node in self._plan:
             args = [node.bound[i] if i in node.bound else self._tensor(n, env) if n else None
                     for i, n in enumerate(node.inputs)]
-            env.update(zip(node.outputs, _call(node, table[node.op_type], args)))
+            env.update(zip(node.outputs, _call(node, table[node.op], args)))
         return tuple(self._tensor(n, env) for n in self.output_names)
 
     def extra_repr(self) -> str:

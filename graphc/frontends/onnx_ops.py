@@ -58,10 +58,15 @@ class Node:
     consts: dict[int, np.ndarray] = field(default_factory=dict)
     bound: dict[int, Any] = field(default_factory=dict)
 
+    @property
+    def op(self) -> str:
+        """The op's key in op_table(): op_type, prefixed by its domain outside the default."""
+        default = self.domain in ("", "ai.onnx")
+        return self.op_type if default else f"{self.domain}.{self.op_type}"
+
     def __str__(self) -> str:
         name = f"'{self.name}'" if self.name else "(unnamed)"
-        op = f"{self.domain}.{self.op_type}" if self.domain not in ("", "ai.onnx") else self.op_type
-        return f"{op} node {name} (node #{self.index}, opset {self.opset})"
+        return f"{self.op} node {name} (node #{self.index}, opset {self.opset})"
 
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attrs.get(key, default)
@@ -142,9 +147,15 @@ def torch_pads(begin: list[int], end: list[int]) -> list[int]:
 
 @functools.cache
 def op_table() -> dict[str, OpDef]:
-    """All ops of the default ONNX domain, by op_type."""
+    """All ops, by Node.op: op_type for the default ONNX domain, "domain.op_type" else."""
     # Imported here: the families import this module's helpers.
-    from graphc.frontends import onnx_ops_conv, onnx_ops_math, onnx_ops_nn, onnx_ops_shape
+    from graphc.frontends import (
+        onnx_ops_conv,
+        onnx_ops_math,
+        onnx_ops_nn,
+        onnx_ops_quant,
+        onnx_ops_shape,
+    )
 
-    families = (onnx_ops_math, onnx_ops_shape, onnx_ops_nn, onnx_ops_conv)
+    families = (onnx_ops_math, onnx_ops_shape, onnx_ops_nn, onnx_ops_conv, onnx_ops_quant)
     return {k: v for fam in families for k, v in fam.OPS.items()}

@@ -1,4 +1,4 @@
-"""ONNX elementwise ops: arithmetic, comparisons, logic, activations, casts, (de)quantization."""
+"""ONNX elementwise ops: arithmetic, comparisons, logic, activations, casts."""
 
 from __future__ import annotations
 
@@ -94,35 +94,6 @@ def _cast(node: Node, x):
     return x if x.dtype == dtype else x.to(dtype)  # same-type casts leave no node behind
 
 
-def _along_axis(node: Node, v: torch.Tensor, rank: int) -> torch.Tensor:
-    """A quantization scale/zero point: a scalar (per tensor) or 1-D along `axis`."""
-    if node.attr("block_size", 0):
-        raise node.unsupported("block_size", node.attr("block_size"))
-    if v.ndim == 0:
-        return v
-    shape = [1] * rank
-    shape[node.attr("axis", 1) % rank] = -1
-    return v.reshape(shape)
-
-
-def _dequantize(node: Node, x: torch.Tensor, scale: torch.Tensor, zero=None):
-    scale = _along_axis(node, scale, x.ndim)
-    if zero is not None:  # (x - zero) in int32 is exact for every 8/16-bit type
-        x = x.to(torch.int32) - _along_axis(node, zero, x.ndim).to(torch.int32)
-    return x.to(scale.dtype) * scale
-
-
-def _quantize(node: Node, x: torch.Tensor, scale: torch.Tensor, zero=None):
-    dtype = zero.dtype if zero is not None else torch.uint8
-    if dtype not in (torch.uint8, torch.int8, torch.int16) or node.attr("output_dtype", 0):
-        raise node.unsupported("quantized type", dtype)
-    y = torch.round(x / _along_axis(node, scale, x.ndim))  # half to even, as ONNX says
-    if zero is not None:
-        y = y + _along_axis(node, zero, x.ndim).to(y.dtype)
-    info = torch.iinfo(dtype)
-    return torch.clamp(y, info.min, info.max).to(dtype)
-
-
 OPS: dict[str, OpDef] = {
     "Add": _binary(operator.add),
     "Sub": _binary(operator.sub),
@@ -177,6 +148,4 @@ OPS: dict[str, OpDef] = {
     "ThresholdedRelu": OpDef(lambda node, x: torch.where(x > node.attr("alpha", 1.0), x, 0.0)),
     "PRelu": OpDef(lambda node, x, slope: torch.where(x < 0, x * slope, x)),
     "Gelu": OpDef(_gelu),
-    "QuantizeLinear": OpDef(_quantize),
-    "DequantizeLinear": OpDef(_dequantize),
 }

@@ -11,9 +11,12 @@ from graphc.frontends.onnx_ops import Node, OpDef, axis_of, ints
 def _gemm(node: Node, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None):
     alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
     trans_a, trans_b = node.attr("transA", 0), node.attr("transB", 0)
-    plain_bias = c is None or tuple(c.shape) == (b.shape[0],)
-    if (trans_a, trans_b, alpha, beta) == (0, 1, 1.0, 1.0) and plain_bias:
-        return F.linear(a, b, c)  # what nn.Linear exports: keep it a linear for the passes
+    plain_bias = c is None or tuple(c.shape) == (b.shape[0 if trans_b else 1],)
+    if (trans_a, alpha, beta) == (0, 1.0, 1.0) and plain_bias:
+        if trans_b:
+            return F.linear(a, b, c)  # what nn.Linear exports: keep it a linear for the passes
+        if c is not None:  # a linear with its weight stored [in, out] (QDQ import): the same
+            return torch.addmm(c, a, b)
     y = (a.t() if trans_a else a) @ (b.t() if trans_b else b)
     y = y if alpha == 1.0 else y * alpha
     if c is None:
