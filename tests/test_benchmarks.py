@@ -16,19 +16,26 @@ def _tiny() -> Case:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
-    return Case("tiny", model, (torch.randn(1, 3, 16, 16),), ["x"], "tiny conv net")
+    reference = model(torch.ones(1, 3, 16, 16))
+
+    def quality(run) -> dict:  # any task metric: here, agreement on one fixed input
+        out = torch.as_tensor(run((torch.ones(1, 3, 16, 16),))[0])
+        return {"mean": float((out - reference).abs().max().detach())}
+
+    return Case("tiny", model, (torch.randn(1, 3, 16, 16),), ["x"], "tiny conv net",
+                quality=quality)
 
 
 def test_harness_runs_every_variant_and_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(MODELS, "tiny", _tiny)
     out = tmp_path / "r.json"
     assert run.main(["--models", "tiny", "--variants", "torch", "ort-fp32", "ort-int8", "graphc",
-                     "graphc-tuned", "--tuned-db", str(tmp_path / "empty-db"), "--repeat", "4",
+                     "graphc-tuned", "graphc-int8", "--tuned-db", str(tmp_path / "empty-db"), "--repeat", "4",
                      "--warmup", "1", "--gap-ms", "0", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     (model,) = result["models"]
     rows = {r["variant"]: r for r in model["variants"]}
-    assert set(rows) == {"torch", "ort-fp32", "ort-int8", "graphc"}
+    assert set(rows) == {"torch", "ort-fp32", "ort-int8", "graphc", "graphc-int8"}
     assert "graphc-tuned" in model["skipped"]  # the database has no records
     for name, r in rows.items():
         assert r["n"] == len(r["samples_ms"]) == 4, name
@@ -39,6 +46,12 @@ def test_harness_runs_every_variant_and_writes_json(tmp_path, monkeypatch, capsy
     assert rows["ort-fp32"]["max_rel_err_vs_torch"] < 1e-5
     assert rows["graphc"]["prepare"]["seconds"] > 0 and rows["graphc"]["prepare"]["peak_rss_mib"] > 0
     assert result["geomean_vs_ort_fp32"]["graphc"]["models"] == 1
+    # every deployable file is measured (this model's few weights make no size difference;
+    # tests/test_minilm.py checks int8 against fp32 on a real one), int8 errors are int8's
+    assert all(r["artifact_bytes"] > 1000 for name, r in rows.items() if name != "torch")
+    assert 1e-5 < rows["graphc-int8"]["max_rel_err_vs_torch"] < 0.1
+    assert rows["graphc"]["quality"]["mean"] < 1e-5 and rows["torch"]["quality"] is None
+    assert rows["graphc-int8"]["quality"]["mean"] > 1e-5
     assert 0 <= model["load_while_timing"]["other_processes_cpu_fraction"] <= 1
     assert "graphc" in capsys.readouterr().out
 
