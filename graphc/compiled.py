@@ -178,7 +178,10 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def _to_torch(x) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, torch.Tensor):
+        return x
+    # reshape: np.ascontiguousarray makes a 0-d array 1-d (x.min() came back with shape [1])
+    return torch.from_numpy(np.ascontiguousarray(x).reshape(np.shape(x)))
 
 
 def _read_header(zf: zipfile.ZipFile, path: Path) -> dict:

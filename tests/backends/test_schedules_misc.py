@@ -1,5 +1,5 @@
-"""The pooling, row-reduction and injective schedule rules (backends/tvm/schedules/pool.py,
-reduction.py, elementwise.py) on odd shapes for an AVX-512 and an AVX2 target, and whole
+"""The pooling, row- and full-reduction and injective schedule rules
+(backends/tvm/schedules/pool.py, reduction.py, elementwise.py) on odd shapes for an AVX-512 and an AVX2 target, and whole
 small models in which no kernel is left unscheduled."""
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ CASES = {
     "global_avg_pool": (lambda s, x: F.adaptive_avg_pool2d(x, 1), (), [(2, 19, 7, 7)],
                         "row_reduction"),
     "sum_last_axis": (lambda s, x: x.sum(-1) * 2.0, (), [(6, 100)], "row_reduction"),
+    "min_all_odd": (lambda s, x: x.min(), (), [(7, 13)], "full_reduction"),
+    "max_all": (lambda s, x: x.max(), (), [(3, 64)], "full_reduction"),
+    "abs_sum_all_prime": (lambda s, x: x.abs().sum(), (), [(1, 17, 19)], "full_reduction"),
     "transpose": (lambda s, x: x.transpose(1, 2).contiguous() * 2.0, (), [(2, 17, 3, 33)],
                   "injective"),
     "pad_then_scale": (lambda s, x: F.pad(x, (0, 1, 2, 0)) * 1.5, (), [(1, 3, 9, 7)],

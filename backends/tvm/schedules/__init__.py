@@ -19,7 +19,7 @@ from .elementwise import Injective
 from .int8 import Int8MatmulRule
 from .matmul import MatmulRule
 from .pool import Pool2D
-from .reduction import RowReduction
+from .reduction import FullReduction, RowReduction
 
 log = logging.getLogger("graphc")
 
@@ -66,6 +66,8 @@ RULES: list[tuple[str, Callable[[], dlight.ScheduleRule], dict[str, str]]] = [
     # Layer norm 1024x384: dlight 0.46 -> 0.28 ms (onnxruntime 0.20); softmax 12x128x128:
     # dlight 0.39 -> 0.10-0.15 ms with legalize.py's fast_exp (onnxruntime 0.05).
     ("row_reduction", RowReduction, {}),
+    # min / max / sum of a whole tensor (dynamic quantization's range): vector partials.
+    ("full_reduction", FullReduction, {}),
     # dlight's Reduction treats a convolution as a row reduction: small conv net 4.7 -> 7.8
     # ms, depthwise-separable block 0.29 -> 3.3 ms; matmul kernels gain ~2x from it.
     ("dlight.reduction", dlight.cpu.Reduction,
