@@ -49,6 +49,7 @@ from tvm.s_tir import meta_schedule as ms
 from graphc.errors import BackendError
 
 from .target import target_config
+from .tuning_check import check_best_records
 
 log = logging.getLogger("graphc")
 
@@ -86,11 +87,13 @@ class TuningReport:
     cost_model: str | None = None
     search_seconds: float = 0.0
     applied: list[str] = field(default_factory=list)  # kernels scheduled from the database
+    rejected: dict[str, float] = field(default_factory=dict)  # wrong fastest candidates' errors
 
     def row(self) -> dict:
         return {"db": self.db, "records": self.records, "tasks": self.tasks,
                 "default_ms": self.default_ms, "trials": self.trials, "cost_model": self.cost_model,
-                "search_seconds": round(self.search_seconds, 2), "applied": self.applied}
+                "search_seconds": round(self.search_seconds, 2), "applied": self.applied,
+                "rejected": self.rejected}
 
 
 # ---- where records live ---------------------------------------------------------------------
@@ -226,6 +229,9 @@ def search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter],
         )
         report.trials = counter.trials
+    report.rejected = check_best_records(
+        tasks, target, lambda: open_database(target, options.db, create=True),
+        db_dir(target, options.db) / RECORD_FILE)
     report.search_seconds = time.perf_counter() - start
     log.info("tuning: %d candidates over %d kernel(s) in %.1f s (cost model %s) -> %s",
              report.trials, len(tasks), report.search_seconds, cost_model, report.db)
