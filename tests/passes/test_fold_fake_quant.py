@@ -1,6 +1,8 @@
 """fold-fake-quant: IR before/after, int8 storage, numerics against the fake-quant graph in
 PyTorch and on TVM (integer kernels in the lowered TIR), and what it refuses, with reasons."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -159,6 +161,10 @@ def test_tvm_runs_the_folded_convnet_in_integers(tmp_path):
     # the convolutions and the matmul read int8 / uint8 buffers and accumulate in int32
     assert '"int8"' in tir and '"uint8"' in tir
     assert 'T.Cast("int32"' in tir
+    # every integer kernel is scheduled: the convs by the conv rule, the linear by int8's
+    marks = re.findall(r'"graphc.schedule": "([^"]*)"', tir)
+    assert sum(m.startswith("conv2d") for m in marks) == 3
+    assert any(m.startswith("int8") for m in marks)
 
 
 def test_tvm_runs_dynamic_linear_and_leftover_fake_quant():

@@ -69,7 +69,8 @@ class Conv:
 
 
 def parse(func: tirx.PrimFunc) -> Conv | None:
-    """The conv blocks of `func`, or None when it is not a TOPI NCHW fp32 conv2d + epilogue."""
+    """The conv blocks of `func`, or None when it is not a TOPI NCHW conv2d + epilogue (fp32, or
+    uint8/int8 x int8 accumulating in int32)."""
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
@@ -80,7 +81,7 @@ def parse(func: tirx.PrimFunc) -> Conv | None:
     stmt = sch.get(blocks[i])
     if [int(v.iter_type) for v in stmt.iter_vars] != [0] * 4 + [2] * 3:  # SSSS RRR
         return None
-    if len(stmt.reads) != 2 or any(r.source.dtype != "float32" for r in stmt.reads):
+    if len(stmt.reads) != 2 or _dtypes(stmt) not in DTYPES:
         return None
     ext = [int(v.dom.extent) for v in stmt.iter_vars]
     after = blocks[i + 1:]
@@ -93,6 +94,18 @@ def parse(func: tirx.PrimFunc) -> Conv | None:
     return Conv(sch, blocks[0] if i == 1 else None, blocks[i], after[:n_epi], after[n_epi:],
                 *ext, ic=int(data.source.shape[1]),
                 stride_w=_stride(data.region[3].min, stmt.iter_vars[3].var))
+
+
+# (input, weight, accumulator) dtypes the rule schedules. Integer convs (qconv2d) take the
+# fp32 loop nest with int32 lanes: no dot-product instructions yet, but vectorized and
+# parallel instead of the serial scalar loops they were.
+DTYPES = {("float32", "float32", "float32"), ("uint8", "int8", "int32"),
+          ("int8", "int8", "int32")}
+
+
+def _dtypes(stmt) -> tuple[str, str, str]:
+    return (str(stmt.reads[0].source.dtype), str(stmt.reads[1].source.dtype),
+            str(stmt.writes[0].source.dtype))
 
 
 def _extents(sch: s_tir.Schedule, block: Block) -> list[int]:
