@@ -69,12 +69,6 @@ def _dynamic_qparams(importer, x, qmin: int, qmax: int):
     return scale, _emit(importer, op.astype(zp, "int32"))
 
 
-@register_lowering("graphc::fake_quant_per_tensor")
-def _fq_tensor(node, importer):
-    x, scale, zp, qmin, qmax = _args(node, importer)
-    return _emit(importer, _fake_quant(x, scale, zp, qmin, qmax))
-
-
 @register_lowering("graphc::fake_quant_per_channel")
 def _fq_channel(node, importer):
     x, scale, zp, axis, qmin, qmax = _args(node, importer)
@@ -90,10 +84,11 @@ def _fq_dynamic(node, importer):
     return _emit(importer, _fake_quant(x, scale, zp, qmin, qmax))
 
 
-@register_lowering("graphc::quantize")
-def _quantize_static(node, importer):
-    x, scale, zp, qmin, qmax = _args(node, importer)
-    return _emit(importer, _quantize(x, scale, zp, qmin, qmax))
+# ops whose arguments (x, scale, zero_point, qmin, qmax) map straight onto one formula
+PER_TENSOR = {"graphc::fake_quant_per_tensor": _fake_quant, "graphc::quantize": _quantize}
+for _name, _formula in PER_TENSOR.items():
+    register_lowering(_name)(
+        lambda node, importer, f=_formula: _emit(importer, f(*_args(node, importer))))
 
 
 @register_lowering("graphc::quantize_dynamic")

@@ -173,3 +173,12 @@ def test_tvm_runs_dynamic_linear_and_leftover_fake_quant():
     cm = graphc.compile(f, target="cpu")
     for (x,) in batches:
         assert _max_rel(cm(x), f(x)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("options", [{}, {"per_channel": False, "act_symmetric": True}])
+def test_tvm_emulates_unfolded_fake_quant_in_float(options):
+    g, batches = _convnet()
+    q = graphc.quantize(g, calibration=batches, **options)  # not folded: fake-quant ops
+    cm = graphc.compile(q, target="cpu")
+    for (x,) in batches:
+        assert _max_rel(cm(x), q(x)[0]) < 1e-5
