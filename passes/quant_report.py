@@ -82,8 +82,29 @@ def _weight_bytes(before: Graph, after: Graph, layers) -> tuple[int, int]:
     return fp32, quant
 
 
-def format_quant_report(meta: dict) -> str:
-    """graph.meta["quantize"] as a printable table with the whole-model summary below it."""
+def measure_deployed(before: Graph, after: Graph, target="cpu", repeat: int = 20) -> dict:
+    """The report's deployed side: compile both graphs for `target`, save each artifact and
+    time each (CompiledModel.benchmark, median ms). `after` is what you ship: the folded graph
+    (a fake-quant graph runs in float and is slower than `before`, which this shows)."""
+    import tempfile
+    from pathlib import Path
+
+    from graphc.api import compile as compile_graph
+
+    out: dict = {"target": str(target), "artifact_bytes": [], "latency_ms": []}
+    with tempfile.TemporaryDirectory(prefix="graphc-deployed-") as tmp:
+        for i, g in enumerate((before, after)):
+            cm = compile_graph(g, target=target)
+            path = Path(tmp) / f"{i}.graphc"
+            cm.save(path)
+            out["artifact_bytes"].append(path.stat().st_size)
+            out["latency_ms"].append(cm.benchmark(repeat=repeat)["median"])
+    return out
+
+
+def format_quant_report(meta: dict, deployed: dict | None = None) -> str:
+    """graph.meta["quantize"] as a printable table with the whole-model summary below it, and
+    the measure_deployed() result when given."""
     t = Table()
     for col in ("layer", "class", "weight", "input", "w scale", "in scale", "err alone",
                 "kept"):
@@ -97,7 +118,14 @@ def format_quant_report(meta: dict) -> str:
     return (f"quantize\n{render(t)}\n"
             f"output error {meta['output_error']:.2e}{budget}, SQNR {meta['sqnr_db']:.1f} dB "
             f"on {meta['eval_batches']} calibration batch(es)\n"
-            f"weight bytes {fp32:,} -> {q:,} ({q / fp32:.2f}x); {meta['note']}")
+            f"weight bytes {fp32:,} -> {q:,} ({q / fp32:.2f}x); {meta['note']}"
+            + ("" if deployed is None else _fmt_deployed(deployed)))
+
+
+def _fmt_deployed(d: dict) -> str:
+    (b0, b1), (t0, t1) = d["artifact_bytes"], d["latency_ms"]
+    return (f"\non {d['target']}: artifact {b0:,} -> {b1:,} bytes ({b1 / b0:.2f}x), "
+            f"latency {t0:.3f} -> {t1:.3f} ms ({t1 / t0:.2f}x)")
 
 
 def _fmt_span(span) -> str:

@@ -9,6 +9,7 @@ from torch import nn
 
 import graphc
 from graphc.passes.fold_fake_quant import RULES, fold_fake_quant
+from graphc.passes.quant_report import format_quant_report, measure_deployed
 from graphc.rewrite import apply_rules
 from graphc.verify import verify
 from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
@@ -182,3 +183,16 @@ def test_tvm_emulates_unfolded_fake_quant_in_float(options):
     cm = graphc.compile(q, target="cpu")
     for (x,) in batches:
         assert _max_rel(cm(x), q(x)[0]) < 1e-5
+
+
+def test_report_measures_the_deployed_artifacts_and_latency():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64)).eval()
+    g = graphc.trace(m, (torch.randn(8, 256),))
+    q = graphc.quantize(g, activations="dynamic")
+    d = measure_deployed(g, fold_fake_quant(q), target="cpu", repeat=5)
+    (fp32, int8), (t0, t1) = d["artifact_bytes"], d["latency_ms"]
+    assert int8 < 0.5 * fp32  # 164k weights: int8 storage shows through the code's size
+    assert t0 > 0 and t1 > 0
+    text = format_quant_report(q.meta["quantize"], d)
+    assert f"artifact {fp32:,} -> {int8:,} bytes" in text and "latency" in text
