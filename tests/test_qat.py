@@ -116,3 +116,20 @@ def test_digits_int8_ptq_and_int4_qat_keep_accuracy(digits):
     assert fp32 >= 95.0  # the model really learned the task
     assert int8 >= fp32 - 0.5
     assert int4_qat >= fp32 - 1.0
+
+
+def test_digits_int8_folded_on_tvm_keeps_the_fake_quant_accuracy(digits):
+    """The deployed int8 model (folded to integer kernels, compiled for this CPU) classifies
+    the held-out digits as the fake-quant graph does, within PTQ's 0.5-point budget of fp32."""
+    from graphc.passes.fold_fake_quant import fold_fake_quant
+
+    g, train, test = digits
+    q = graphc.quantize(g, calibration=[(xb,) for xb, _ in train[:10]])
+    cm = graphc.compile(fold_fake_quant(q), target="cpu")
+    with torch.no_grad():
+        right = sum(int((cm(xb).argmax(1) == yb).sum()) for xb, yb in test)
+    deployed = 100.0 * right / sum(len(yb) for _, yb in test)
+    print(f"digits int8 folded on TVM: {deployed:.2f} (fake-quant {_accuracy(q, test):.2f}, "
+          f"fp32 {_accuracy(g, test):.2f})")
+    assert abs(deployed - _accuracy(q, test)) <= 0.3  # at most one image of 360 flips
+    assert deployed >= _accuracy(g, test) - 0.5
