@@ -108,6 +108,8 @@ def _split_top(text: str, sep: str) -> list[str]:
 
 
 def _literal(value: str):
+    if value.startswith("[") and value.endswith("]"):  # [a, 'b', 3]: bare words are strings
+        return [_literal(v.strip()) for v in _split_top(value[1:-1], ",") if v.strip()]
     low = value.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -159,6 +161,8 @@ def _coerce_value(pass_name: str, key: str, typ, value):
             raise PassError(f"pass '{pass_name}': option {key}={value!r} must be one of "
                             f"{list(typing.get_args(typ))}")
         return value
+    if origin in (list, tuple) and isinstance(value, str):
+        value = [value]  # one bare item: ops=linear
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         return origin(value)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):

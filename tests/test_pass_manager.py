@@ -36,6 +36,14 @@ def test_parse_pipeline_types_and_nesting():
                                        "l": [1, 2]}), ("c", {"name": "word"})]
 
 
+def test_list_options_take_bare_words_in_pipeline_strings():
+    assert parse_pipeline("q(ops=[linear, 'conv'], n=[1, 2.5])") == [
+        ("q", {"ops": ["linear", "conv"], "n": [1, 2.5]})]
+    from_string = resolve("quantize(ops=[linear, embedding], exclude=fc*)")
+    from_python = resolve([("quantize", {"ops": ("linear", "embedding"), "exclude": ("fc*",)})])
+    assert from_string == from_python  # the same options, as tuples, either way
+
+
 def test_user_pass_in_a_pipeline_string(user_pass):
     m, x = build("mlp")
     g = graphc.trace(m, x)
