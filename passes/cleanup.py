@@ -1,6 +1,7 @@
 """Exact cleanup passes: dead-code elimination and constant folding.
 
     dead-code-elimination:  %unused = aten.mul(%x, 2) ...   ->  (removed)
+    common-subexpression-elimination:  %a = view(%x, s); %b = view(%x, s)  ->  %b uses %a
     constant-folding:       %t = aten.permute(%w, [1, 0])   ->  %t = param t (precomputed)
 """
 
@@ -68,3 +69,40 @@ def _foldable(node: fx.Node) -> bool:
     # random ops must stay random
     return not (isinstance(node.target, torch._ops.OpOverload)
                 and torch.Tag.nondeterministic_seeded in node.target.tags)
+
+
+@register_pass("common-subexpression-elimination")
+def common_subexpression_elimination(graph: Graph) -> Graph:
+    """Repeated pure ops on the same inputs -> the first one, reused.
+
+    Exporters repeat cheap ops per consumer: HF BERT views the hidden states once for each
+    of q, k and v. Merged, the three projections share one input node, so `quantize`
+    quantizes it once instead of three times.
+    """
+    g, seen, merged = graph.copy(), {}, 0
+    for node in list(g.gm.graph.nodes):
+        if node.op not in ("call_function", "get_attr") or (
+                node.op == "call_function" and not _foldable(node)):
+            continue
+        key = (node.op, node.target, _hashable(node.args), _hashable(node.kwargs))
+        if key not in seen:
+            seen[key] = node
+            continue
+        node.replace_all_uses_with(seen[key])
+        g.gm.graph.erase_node(node)
+        merged += 1
+    if not merged:
+        return graph
+    g.gm.recompile()
+    return g
+
+
+def _hashable(value):
+    """args / kwargs as a hashable key; fx nodes by identity."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return str(value)
+    return value

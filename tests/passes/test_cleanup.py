@@ -3,7 +3,11 @@
 import torch
 
 import graphc
-from graphc.passes.cleanup import constant_folding, dead_code_elimination
+from graphc.passes.cleanup import (
+    common_subexpression_elimination,
+    constant_folding,
+    dead_code_elimination,
+)
 from graphc.verify import verify
 from tests.models.zoo import build
 
@@ -75,3 +79,32 @@ class _Random(torch.nn.Module):
 def test_constant_folding_keeps_random_ops():
     g = graphc.trace(_Random(), (torch.randn(4),))
     assert constant_folding(g) is g
+
+
+class _ThreeViews(torch.nn.Module):
+    """Views the input once per projection, as HF BERT does for q, k and v; and draws
+    two random tensors, which must stay two."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        a = self.q(x.view(-1, 6))
+        b = self.k(x.view(-1, 6))
+        return a + b, torch.rand(3) + torch.rand(3)
+
+
+def test_cse_merges_repeated_pure_ops_and_keeps_random_ones():
+    torch.manual_seed(0)
+    g = graphc.trace(_ThreeViews(), (torch.randn(2, 3, 6),))
+    h = common_subexpression_elimination(g)
+    verify(h, after="common-subexpression-elimination")
+    assert g.op_histogram()["aten.view"] == 2 and h.op_histogram()["aten.view"] == 1
+    assert h.op_histogram()["aten.rand"] == 2  # random draws are not merged
+    x = torch.randn(2, 3, 6)
+    torch.testing.assert_close(h(x)[0], g(x)[0], rtol=0, atol=0)
+    # both projections now read one node: quantize quantizes it once
+    q = graphc.quantize(h, activations="dynamic")
+    assert q.op_histogram()["graphc.fake_quant_dynamic"] == 1
+    assert common_subexpression_elimination(h) is h  # nothing left to merge
