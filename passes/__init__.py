@@ -7,5 +7,6 @@ from graphc.passes import (  # noqa: F401  (registers them)
     cleanup,
     fold_batchnorm,
     fold_fake_quant,
+    fold_pad,
     quantize,
 )

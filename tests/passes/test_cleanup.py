@@ -8,6 +8,9 @@ from graphc.passes.cleanup import (
     constant_folding,
     dead_code_elimination,
 )
+from graphc.passes.fold_pad import RULES as FOLD_PAD_RULES
+from graphc.passes.fold_pad import fold_pad
+from graphc.rewrite import apply_rules
 from graphc.verify import verify
 from tests.models.zoo import build
 
@@ -108,3 +111,31 @@ def test_cse_merges_repeated_pure_ops_and_keeps_random_ones():
     q = graphc.quantize(h, activations="dynamic")
     assert q.op_histogram()["graphc.fake_quant_dynamic"] == 1
     assert common_subexpression_elimination(h) is h  # nothing left to merge
+
+
+class _TFPadding(torch.nn.Module):
+    """Explicit pads as TF-converted models have them: by nothing, symmetric, asymmetric."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3, stride=2)
+
+    def forward(self, x):
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0))
+        x = self.a(torch.nn.functional.pad(x, (1, 1, 1, 1)))
+        return self.b(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+def test_fold_pad_removes_empty_pads_and_moves_symmetric_ones_into_the_conv():
+    torch.manual_seed(0)
+    g = graphc.trace(_TFPadding(), (torch.randn(1, 3, 10, 10),))
+    h = fold_pad(g)
+    verify(h, after="fold-pad")
+    assert g.op_histogram()["aten.constant_pad_nd"] == 3
+    assert h.op_histogram()["aten.constant_pad_nd"] == 1  # the asymmetric one stays
+    assert "aten.convolution(%x, %a_weight, %a_bias, [1, 1], [1, 1]" in str(h)
+    x = torch.randn(1, 3, 10, 10)
+    torch.testing.assert_close(h(x)[0], g(x)[0], rtol=1e-6, atol=1e-6)
+    _, misses = apply_rules(h, FOLD_PAD_RULES)
+    assert [m.reason for m in misses] == [
+        "asymmetric padding [0, 1, 0, 1]: aten.convolution pads both sides equally"]
