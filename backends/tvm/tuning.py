@@ -9,7 +9,8 @@ The database is a MetaSchedule JSONDatabase in a folder per TVM version and targ
 
     <root>/tvm-<version>/<kind>-<mcpu>-<cores>c-<hash of the target JSON>/
         database_workload.json  database_tuning_record.json     MetaSchedule's candidates
-        defaults_workload.json  defaults_tuning_record.json     the default rules' schedules
+        defaults-<rules hash>_workload.json  ..._tuning_record.json   the default rules'
+                                                                   schedules, per rules version
 
 <root> is `tuning_db=`, else $GRAPHC_TUNING_DB, else ~/.cache/graphc/tuning. A record is found
 again by the workload's structural hash (the fused TIR kernel, after the optimize phase);
@@ -59,9 +60,24 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 # The default rules' schedules, measured like candidates; a separate JSONDatabase, because
 # MetaSchedule's search would take them from its own database as seeds and cannot replay
-# rule-made traces through its postprocessors.
-DEFAULTS_WORKLOAD_FILE = "defaults_workload.json"
-DEFAULTS_RECORD_FILE = "defaults_tuning_record.json"
+# rule-made traces through its postprocessors. Its files carry a fingerprint of the rules'
+# source: a record is a replayed trace, so once the rules change, an old record would bring
+# back the old rule's schedule (and its old time would be compared with the search's).
+SCHEDULES_DIR = Path(__file__).resolve().parent / "schedules"
+
+
+def rules_fingerprint() -> str:
+    """A hash of the schedule rules' source files (backends/tvm/schedules/*.py)."""
+    digest = hashlib.sha256()
+    for path in sorted(SCHEDULES_DIR.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def defaults_files() -> tuple[str, str]:
+    """(workload file, record file) of the default rules' database, for these rules."""
+    stem = f"defaults-{rules_fingerprint()}"
+    return f"{stem}_workload.json", f"{stem}_tuning_record.json"
 
 
 @dataclass
@@ -125,8 +141,7 @@ def open_database(target: tvm.target.Target, tuning_db=None, *, create: bool = F
     """The JSONDatabase for `target` (defaults=True: the default rules' measured schedules),
     or None when it has no records and create is False."""
     folder = db_dir(target, tuning_db)
-    workload_file, record_file = ((DEFAULTS_WORKLOAD_FILE, DEFAULTS_RECORD_FILE) if defaults
-                                  else (WORKLOAD_FILE, RECORD_FILE))
+    workload_file, record_file = defaults_files() if defaults else (WORKLOAD_FILE, RECORD_FILE)
     records = folder / record_file
     if not create and (not records.is_file() or records.stat().st_size == 0):
         return None
@@ -161,12 +176,10 @@ def tuned_schedules(target: tvm.target.Target, options: TuningOptions | None,
         report.db = str(db_dir(target, options.db))
         if options.trials > 0:
             search(mod, target, options, report)
-        databases = [db for db in (open_database(target, options.db),
-                                   open_database(target, options.db, defaults=True)) if db]
-        if not databases:
+        database = _applicable(target, options.db)
+        if database is None:
             return mod
-        report.records = sum(len(db) for db in databases)
-        database = databases[0] if len(databases) == 1 else ms.database.UnionDatabase(*databases)
+        report.records = len(database)
         before = _scheduled(mod)
         with database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
@@ -176,6 +189,31 @@ def tuned_schedules(target: tvm.target.Target, options: TuningOptions | None,
         return mod
 
     return step
+
+
+def _applicable(target: tvm.target.Target, tuning_db):
+    """The records a compile may apply: every default-rule record of the current rules, and
+    the search records of the kernels whose default schedule was measured beside them under
+    these rules. A search record compared with older rules could be slower than what the
+    current rules make, so it waits for a re-tune. None: nothing to apply."""
+    search_db = open_database(target, tuning_db)
+    defaults = open_database(target, tuning_db, defaults=True)
+    if defaults is None:
+        if search_db is not None:
+            log.warning("tuning: %s has no default-rule records for these schedule rules "
+                        "(they changed since it was tuned); its search records are not "
+                        "applied: re-tune to compare them", db_dir(target, tuning_db))
+        return None
+    if search_db is None:
+        return defaults
+    memory = ms.database.MemoryDatabase()
+    for db in (defaults, search_db):
+        for record in db.get_all_tuning_records():
+            if db is defaults or defaults.has_workload(record.workload.mod):
+                workload = memory.commit_workload(record.workload.mod)
+                memory.commit_tuning_record(ms.database.TuningRecord(
+                    record.trace, workload, record.run_secs, record.target, record.args_info))
+    return memory
 
 
 def _scheduled(mod: tvm.IRModule) -> set[str]:
@@ -251,7 +289,9 @@ def measure_default_schedules(tasks, target: tvm.target.Target, database, builde
     for task in tasks:
         workload = task.dispatched[0]
         sch = _first_schedule(rules, workload["main"], target)
-        if sch is not None and _replays(sch, workload):
+        if sch is None:  # no rule takes it: the default is the unscheduled loop nest, and
+            database.commit_workload(workload)  # any search record may replace that
+        elif _replays(sch, workload):
             seeds.append((task.task_name, workload, sch))
     args = [_arg_info(sch) for _, _, sch in seeds]
     unmeasurable = {seeds[i][0] for i, a in enumerate(args) if a is None}

@@ -127,6 +127,18 @@ def test_records_are_kept_per_target(tuned, monkeypatch):
     _check_exact(cm, model, _x(3))
 
 
+def test_records_wait_for_a_retune_when_the_rules_change(tuned, monkeypatch, caplog):
+    """Default-rule records are kept per rules version; search records compared with other
+    rules are not applied (they might be slower than the new rules' schedules)."""
+    db, model, _ = tuned
+    monkeypatch.setattr(tuning, "search", _no_search)
+    monkeypatch.setattr(tuning, "rules_fingerprint", lambda: "0123456789")
+    cm = graphc.compile(model, (_x(),), target="cpu", tuning_db=db)
+    assert cm.meta["tvm"]["tuning"]["applied"] == []
+    assert "re-tune" in caplog.text
+    _check_exact(cm, model, _x(4))
+
+
 def test_database_round_trips(tuned):
     db, _, cm = tuned
     target = resolve_target("cpu").target
