@@ -176,7 +176,8 @@ def tuned_schedules(target: tvm.target.Target, options: TuningOptions | None,
         report.db = str(db_dir(target, options.db))
         if options.trials > 0:
             search(mod, target, options, report)
-        database = _applicable(target, options.db)
+        with db_lock(target, options.db, exclusive=False):
+            database = _applicable(target, options.db)
         if database is None:
             return mod
         report.records = len(database)
@@ -229,7 +230,38 @@ def search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
     """Run MetaSchedule over `mod`'s kernels with options.trials measured candidates in total,
     committing every measurement to the target's database. Each kernel's default-rule
     schedule is measured too (into the defaults database), so the best record for a kernel is
-    never slower, as measured, than what the compile would do without tuning."""
+    never slower, as measured, than what the compile would do without tuning. One search
+    per database folder at a time (an exclusive file lock): two would interleave lines in
+    its files, and each would measure while the other runs."""
+    with db_lock(target, options.db, exclusive=True):
+        _search(mod, target, options, report)
+
+
+@contextlib.contextmanager
+def db_lock(target: tvm.target.Target, tuning_db, *, exclusive: bool):
+    """A lock on the target's database folder: exclusive for a search, shared for reads."""
+    import fcntl
+
+    folder = db_dir(target, tuning_db)
+    if not exclusive and not folder.is_dir():
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as f:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("tuning: waiting for another process's search in %s", folder)
+            fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOptions,
+            report: TuningReport) -> None:
     start = time.perf_counter()
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if not t.mod.attrs.get("tirx.is_scheduled", False)]

@@ -203,3 +203,24 @@ def test_cli_tune_and_compile_flags_reach_compile(tmp_path, monkeypatch, capsys)
 
 def _no_search(*args, **kwargs):
     raise AssertionError("tune=0 must not search")
+
+
+def test_one_search_per_database_at_a_time(tmp_path, caplog):
+    import threading
+    import time
+
+    target = resolve_target("cpu").target
+    events = []
+
+    def second():
+        with tuning.db_lock(target, tmp_path, exclusive=True):
+            events.append("second in")
+
+    with tuning.db_lock(target, tmp_path, exclusive=True):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        events.append("first out")
+    t.join(5)
+    assert events == ["first out", "second in"]
+    assert "waiting for another process's search" in caplog.text
