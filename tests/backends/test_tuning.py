@@ -12,7 +12,7 @@ from torch import nn
 from tvm.s_tir import meta_schedule as ms
 
 import graphc
-from graphc.backends.tvm import resolve_target, tuning
+from graphc.backends.tvm import resolve_target, tuning, tuning_db
 from graphc.cli import main as cli_main
 from graphc.errors import GraphcError
 
@@ -132,7 +132,7 @@ def test_records_wait_for_a_retune_when_the_rules_change(tuned, monkeypatch, cap
     rules are not applied (they might be slower than the new rules' schedules)."""
     db, model, _ = tuned
     monkeypatch.setattr(tuning, "search", _no_search)
-    monkeypatch.setattr(tuning, "rules_fingerprint", lambda: "0123456789")
+    monkeypatch.setattr(tuning_db, "rules_fingerprint", lambda: "0123456789")
     cm = graphc.compile(model, (_x(),), target="cpu", tuning_db=db)
     assert cm.meta["tvm"]["tuning"]["applied"] == []
     assert "re-tune" in caplog.text
