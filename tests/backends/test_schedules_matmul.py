@@ -19,7 +19,7 @@ from tvm.target import codegen
 import graphc
 from graphc.backends.tvm import pipeline
 from graphc.backends.tvm.schedules import default_rules, layout
-from graphc.backends.tvm.schedules.matmul import MARK
+from graphc.backends.tvm.schedules.common import RULE_MARK as MARK
 
 AVX2 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
 AVX512 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}

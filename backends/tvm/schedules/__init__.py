@@ -14,6 +14,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import dlight
 
+from .common import root_blocks
 from .conv import Conv2D
 from .elementwise import Injective
 from .int8 import Int8MatmulRule
@@ -45,7 +46,7 @@ class Guarded(dlight.ScheduleRule):
 
 def block_names(func: tvm.tirx.PrimFunc) -> list[str]:
     sch = s_tir.Schedule(func)
-    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    return [sch.get(b).name_hint for b in root_blocks(sch)]
 
 
 # (name, factory, kernels to skip: block-name substring -> the measurement that decided it).

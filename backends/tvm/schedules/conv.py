@@ -24,11 +24,11 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
+from .common import RULE_MARK, cpu_kernel, root_blocks
 from .elementwise import parallel_rows
 from .isa import ISA, isa_of
 from .layout import pack_input
 
-RULE_MARK = "graphc.schedule"  # block annotation naming the rule that scheduled a kernel
 # Below this many flops a conv runs on one thread: waking the thread pool costs more than
 # it saves (zoo depthwise_separable, 12 channels 10x10: 0.022 ms serial, 0.041 ms parallel).
 MIN_PARALLEL_FLOPS = 1_000_000
@@ -72,7 +72,7 @@ def parse(func: tirx.PrimFunc) -> Conv | None:
     """The conv blocks of `func`, or None when it is not a TOPI NCHW conv2d + epilogue (fp32, or
     uint8/int8 x int8 accumulating in int32)."""
     sch = s_tir.Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    blocks = root_blocks(sch)
     names = [sch.get(b).name_hint for b in blocks]
     idx = [i for i, n in enumerate(names) if n in ("conv2d_nchw", "group_conv2d_nchw")]
     if len(idx) != 1 or idx[0] > 1 or (idx[0] == 1 and names[0] != "pad_temp"):
@@ -329,7 +329,7 @@ class Conv2D(dlight.ScheduleRule):
     """NCHW fp32 conv2d (+ fused epilogue) on LLVM CPU targets."""
 
     def apply(self, func, target: tvm.target.Target, _tunable: bool):
-        if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
+        if not cpu_kernel(func, target):
             return None
         c = parse(func)
         if c is None:

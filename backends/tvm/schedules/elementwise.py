@@ -10,13 +10,13 @@ Transposes keep their strided reads (LLVM gathers them); the stores are contiguo
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir import dlight
 from tvm.s_tir.schedule import ScheduleError
 
+from .common import RULE_MARK, cpu_kernel, loop_extent, root_blocks
 from .isa import isa_of
 
-RULE_MARK = "graphc.schedule"
 # Below this many elements a kernel runs on one thread: waking the pool costs more (a few
 # microseconds) than the copy.
 MIN_PARALLEL = 16384
@@ -26,16 +26,16 @@ class Injective(dlight.ScheduleRule):
     """Kernels whose blocks are all spatial (no reduction) on LLVM CPU targets."""
 
     def apply(self, func, target: tvm.target.Target, _tunable: bool):
-        if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
+        if not cpu_kernel(func, target):
             return None
         sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
+        blocks = root_blocks(sch)
         if not blocks or any(int(v.iter_type) != 0 for b in blocks for v in sch.get(b).iter_vars):
             return None
         for b in blocks[:-1]:
             _try_inline(sch, b)
         lanes = isa_of(target).f32_lanes
-        for b in _root_blocks(sch):
+        for b in root_blocks(sch):
             sch.annotate(b, RULE_MARK, "injective")
             if not schedule_padding(sch, b, lanes):
                 parallel_vectorize(sch, b, lanes)
@@ -49,14 +49,14 @@ def schedule_padding(sch: s_tir.Schedule, block, lanes: int) -> bool:
     every element into a scalar load (960x9x9 pad: ~0.25 ms). Returns False when `block`
     is not such a copy."""
     loops = sch.get_loops(block)
-    extents = [_extent(sch, lp) for lp in loops]
+    extents = [loop_extent(sch, lp) for lp in loops]
     if len(loops) < 3 or None in extents or not sch.can_decompose_padding(block, loops[-2]):
         return False
     outer = sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0]
     fill = sch.decompose_padding(block, loops[-2])
     for b in (fill, block):
         row = sch.get_loops(b)[-1]
-        width = _extent(sch, row)
+        width = loop_extent(sch, row)
         if width is not None and width > 1:
             _, vec = sch.split(row, [None, min(lanes, width)])
             sch.vectorize(vec)
@@ -74,7 +74,7 @@ def parallel_rows(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True)
         outer = sch.fuse(*loops[:-1])
         if parallel:
             sch.parallel(outer)
-    width = _extent(sch, loops[-1])
+    width = loop_extent(sch, loops[-1])
     if width is not None and width > 1:
         _, vec = sch.split(loops[-1], [None, min(lanes, width)])
         sch.vectorize(vec)
@@ -92,7 +92,7 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
     vector, then split into vectors of `lanes` elements (a tail loop where it does not
     divide)."""
     loops = sch.get_loops(block)
-    extents = [_extent(sch, lp) for lp in loops]
+    extents = [loop_extent(sch, lp) for lp in loops]
     if not loops or any(e is None for e in extents):
         return  # symbolic shapes: leave the loop nest alone
     k = len(loops) - 1  # fuse innermost loops until they hold a whole vector
@@ -125,11 +125,3 @@ def _try_inline(sch: s_tir.Schedule, block) -> None:
         except ScheduleError:
             pass  # an output of the kernel, or read in a way that cannot be inlined
 
-
-def _root_blocks(sch: s_tir.Schedule) -> list:
-    return list(sch.get_child_blocks(sch.get_sblock("root")))
-
-
-def _extent(sch: s_tir.Schedule, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None

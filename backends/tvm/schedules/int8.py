@@ -23,6 +23,7 @@ from tvm.s_tir import dlight
 
 from . import layout
 from . import matmul as mm_rule
+from .common import RULE_MARK
 from .intrin import DotIntrin, dot_intrin
 from .isa import ISA, isa_of
 
@@ -56,7 +57,7 @@ def schedule_int8(sch: s_tir.Schedule, func, mm, shape: mm_rule.Matmul, tile: mm
                                   tile.lanes, pack_activations=True)
     outer, (ei, ej) = mm_rule.tile_outer(sch, out, shape, tile)
     sch.compute_at(mm, outer, preserve_unit_loops=True)
-    sch.annotate(mm, mm_rule.MARK, f"int8 {tile.rows}x{tile.vecs}x{tile.lanes} {intrin.name}"
+    sch.annotate(mm, RULE_MARK, f"int8 {tile.rows}x{tile.vecs}x{tile.lanes} {intrin.name}"
                  + (" packed" if packed else ""))
     i, j, k = sch.get_loops(mm)[-3:]
     k0, kp = sch.split(k, [None, intrin.kp])

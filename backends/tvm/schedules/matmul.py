@@ -26,10 +26,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
 from . import layout
+from .common import RULE_MARK, root_blocks
 from .isa import ISA, isa_of
-
-# The marker tests and dumps look for: a block annotation on the scheduled reduction.
-MARK = "graphc.schedule"
 
 # Micro-kernel rows RI for NV vector accumulators per row, by vector ISA. RI*NV
 # accumulators + NV weight vectors must fit the register file; the X operand is a
@@ -175,7 +173,7 @@ def inline_prologue(sch: s_tir.Schedule, block) -> bool:
 
 
 def _blocks_before(sch, block):
-    root = sch.get_child_blocks(sch.get_sblock("root"))
+    root = root_blocks(sch)
     names = [sch.get(b).name_hint for b in root]
     return root[:names.index(sch.get(block).name_hint)]
 
@@ -209,7 +207,7 @@ def prepare_output(sch: s_tir.Schedule, mm, shape: Matmul, multiples: dict[int, 
 
 
 def _blocks_after(sch, block):
-    root = sch.get_child_blocks(sch.get_sblock("root"))
+    root = root_blocks(sch)
     names = [sch.get(b).name_hint for b in root]
     return root[names.index(sch.get(block).name_hint) + 1:]
 
@@ -325,7 +323,7 @@ def schedule_fp32(sch: s_tir.Schedule, func, mm, shape: Matmul, tile: Tile) -> N
                           pack_activations=strided)
     outer, (ei, ej) = tile_outer(sch, out, shape, tile)
     sch.compute_at(mm, outer, preserve_unit_loops=True)
-    sch.annotate(mm, MARK, f"matmul {tile.rows}x{tile.vecs}x{tile.lanes}"
+    sch.annotate(mm, RULE_MARK, f"matmul {tile.rows}x{tile.vecs}x{tile.lanes}"
                  + (" packed" if packed else ""))
     k = micro_kernel(sch, mm, tile)
     vectorize_tile(sch, ei, ej, tile)

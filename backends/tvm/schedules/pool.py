@@ -10,23 +10,22 @@ the reduction rule instead.
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir import dlight
 
+from .common import RULE_MARK, cpu_kernel, root_blocks
 from .elementwise import MIN_PARALLEL, parallel_rows
 from .isa import isa_of
-
-RULE_MARK = "graphc.schedule"
 
 
 class Pool2D(dlight.ScheduleRule):
     """TOPI pool2d kernels (pool_max / pool_sum blocks) on LLVM CPU targets."""
 
     def apply(self, func, target: tvm.target.Target, _tunable: bool):
-        if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
+        if not cpu_kernel(func, target):
             return None
         sch = s_tir.Schedule(func)
-        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        blocks = root_blocks(sch)
         kinds = [[int(v.iter_type) for v in sch.get(b).iter_vars] for b in blocks]
         pools = [i for i, b in enumerate(blocks)
                  if sch.get(b).name_hint in ("pool_max", "pool_sum") and kinds[i] == [0] * 4 + [2] * 2]

@@ -14,10 +14,10 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
+from .common import RULE_MARK, cpu_kernel, loop_extent, root_blocks
 from .elementwise import MIN_PARALLEL
 from .isa import isa_of
 
-RULE_MARK = "graphc.schedule"
 SPATIAL, REDUCE = 0, 2
 
 
@@ -25,25 +25,25 @@ class RowReduction(dlight.ScheduleRule):
     """Kernels of row-wise reductions plus elementwise blocks, on LLVM CPU targets."""
 
     def apply(self, func, target: tvm.target.Target, _tunable: bool):
-        if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
+        if not cpu_kernel(func, target):
             return None
         sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
+        blocks = root_blocks(sch)
         if blocks and _is_reduction(sch, blocks[-1]):
             # a bare reduction (sum, max): reduce into a local and copy out, so the last
             # block is elementwise like the others
             sch.cache_write(blocks[-1], 0, "global")
-            blocks = _root_blocks(sch)
+            blocks = root_blocks(sch)
         rows = row_axes(sch, blocks)
         if rows is None:
             return None
         lanes = isa_of(target).f32_lanes
         partial = [rfactor_vector(sch, b, rows, lanes) for b in blocks if _is_reduction(sch, b)]
-        blocks = _root_blocks(sch)
+        blocks = root_blocks(sch)
         last = blocks[-1]
         loops = sch.get_loops(last)
         row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
-        n_rows = _extent(sch, row)
+        n_rows = loop_extent(sch, row)
         if n_rows is not None and n_rows * _row_size(sch, last, rows) >= MIN_PARALLEL:
             sch.parallel(row)
         for b in reversed(blocks[:-1]):
@@ -65,10 +65,10 @@ class FullReduction(dlight.ScheduleRule):
     left scalar, those were ~0.2 ms each on MiniLM's 128x1536 activations."""
 
     def apply(self, func, target: tvm.target.Target, _tunable: bool):
-        if target.kind.name != "llvm" or not isinstance(func, tirx.PrimFunc):
+        if not cpu_kernel(func, target):
             return None
         sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
+        blocks = root_blocks(sch)
         if not blocks or not _is_reduction(sch, blocks[-1]):
             return None
         try:
@@ -82,7 +82,7 @@ class FullReduction(dlight.ScheduleRule):
         loops = sch.get_loops(block)
         red = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         lanes = isa_of(target).f32_lanes
-        size = _extent(sch, red)
+        size = loop_extent(sch, red)
         if size is None or size < 2 * lanes:
             return None
         _, lane = sch.split(red, [None, lanes])
@@ -120,7 +120,7 @@ def rfactor_vector(sch: s_tir.Schedule, block, rows: int, lanes: int):
     Returns the rfactor block, or None when the reduction is too short or does not divide."""
     loops = sch.get_loops(block)
     red = sch.fuse(*loops[rows:]) if len(loops) - rows > 1 else loops[rows]
-    size = _extent(sch, red)
+    size = loop_extent(sch, red)
     if size is None or size < 2 * lanes or size % lanes:
         return None
     _, lane = sch.split(red, [None, lanes])
@@ -136,10 +136,10 @@ def _vectorize_inner(sch: s_tir.Schedule, block, row, lanes: int) -> None:
     row_stmt = sch.get(row)
     below = [lp for i, lp in enumerate(loops) if any(sch.get(o).same_as(row_stmt)
                                                     for o in loops[:i])]
-    inner = [lp for lp in below if _extent(sch, lp) is not None][-1:]
+    inner = [lp for lp in below if loop_extent(sch, lp) is not None][-1:]
     if not inner:
         return
-    size = _extent(sch, inner[0])
+    size = loop_extent(sch, inner[0])
     if size >= lanes:
         _, vec = sch.split(inner[0], [None, lanes])
         sch.vectorize(vec)
@@ -158,14 +158,6 @@ def _row_size(sch: s_tir.Schedule, block, rows: int) -> int:
     return size
 
 
-def _root_blocks(sch: s_tir.Schedule) -> list:
-    return list(sch.get_child_blocks(sch.get_sblock("root")))
-
-
 def _root_blocks_under(sch: s_tir.Schedule, loop) -> list:
     return list(sch.get_child_blocks(loop))
 
-
-def _extent(sch: s_tir.Schedule, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
