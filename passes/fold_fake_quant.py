@@ -30,6 +30,7 @@ import torch
 from torch import fx
 
 from graphc.ir import Graph
+from graphc.ops_qint import quantize_reference
 from graphc.ops_quant import FAKE_QUANT_OPS
 from graphc.pass_manager import register_pass
 from graphc.passes.cleanup import dead_code_elimination
@@ -152,11 +153,11 @@ def _rewrite(g: Graph, m: Match) -> None:
             w_sum = wq.to(torch.int32).sum(dim=info.sum_dims(wq)).to(torch.int32)
             sum_node = graph.get_attr(add_weight(g, f"{name}_sum", w_sum, trainable=False))
             xq, xs, xz = _quantized_input(g, m["x"])
+            conv = ()  # qconv2d's stride, dilation, groups; its input padded beforehand
             if info.build == "conv2d":
                 xq = _pad(g, xq, xz, node.args[4])
-            args = (xq, xs, xz, w_node, s_node, sum_node, info.bias(node))
-            if info.build == "conv2d":
-                args += (list(node.args[3]), list(node.args[5]), node.args[8])
+                conv = (list(node.args[3]), list(node.args[5]), node.args[8])
+            args = (xq, xs, xz, w_node, s_node, sum_node, info.bias(node), *conv)
         new = graph.create_node("call_function", getattr(Q, "q" + info.build).default, args,
                                 name=f"q{node.name}")
     new.meta = dict(node.meta)
@@ -179,12 +180,12 @@ def _int_weight(g: Graph, w: fx.Node, info: FoldInfo) -> tuple[torch.Tensor, tor
     """The weight on its grid as int8 in the integer op's layout, and per-channel scales."""
     value = const_value(g, w.args[0]).detach()
     scale = g.weight(w.args[1]).detach().to(torch.float32)
-    lo, hi = _grid(w)
     channels = value.shape[info.out_axis]
     shape = [1] * value.dim()
     if scale.dim() == 1:
         shape[w.args[3] % value.dim()] = -1
-    q = torch.clamp(torch.round(value / scale.reshape(shape)), lo, hi).to(torch.int8)
+    q = quantize_reference(value, scale.reshape(shape), torch.zeros((), dtype=torch.int32),
+                           *_grid(w)).to(torch.int8)  # _check: the grid fits int8
     return info.layout(q).contiguous(), scale.expand(channels).contiguous()
 
 

@@ -39,16 +39,19 @@ def _rank(importer, expr) -> int:
     return expr.ty.ndim
 
 
+def _on_grid(x, scale, zpf, qmin: int, qmax: int):
+    """clip(round(x / scale) + zp, qmin, qmax): the integers, still in float32."""
+    return op.clip(op.add(op.round(op.divide(x, scale)), zpf), float(qmin), float(qmax))
+
+
 def _fake_quant(x, scale, zp, qmin: int, qmax: int):
     """(clip(round(x / scale) + zp, qmin, qmax) - zp) * scale, in float32."""
     zpf = op.astype(zp, "float32")
-    q = op.clip(op.add(op.round(op.divide(x, scale)), zpf), float(qmin), float(qmax))
-    return op.multiply(op.subtract(q, zpf), scale)
+    return op.multiply(op.subtract(_on_grid(x, scale, zpf, qmin, qmax), zpf), scale)
 
 
 def _quantize(x, scale, zp, qmin: int, qmax: int):
-    q = op.clip(op.add(op.round(op.divide(x, scale)), op.astype(zp, "float32")),
-                float(qmin), float(qmax))
+    q = _on_grid(x, scale, op.astype(zp, "float32"), qmin, qmax)
     return op.astype(q, "int8" if qmin < 0 else "uint8")
 
 
