@@ -179,8 +179,9 @@ def graphc_variant(case, name: str, tuning_db: str | os.PathLike, folder: Path,
 
     prep: dict = {}
     with track(prep):
-        model = int8_graph(case) if int8 else case.model
-        cm = graphc.compile(model, case.inputs, target="cpu", passes=PASSES,
+        # int8_graph ran PASSES already, before quantizing
+        model, passes = (int8_graph(case), ()) if int8 else (case.model, PASSES)
+        cm = graphc.compile(model, case.inputs, target="cpu", passes=passes,
                             tuning_db=tuning_db)
     inputs, path = case.inputs, folder / f"{case.name}.{name}.graphc"
     cm.save(path)
@@ -189,8 +190,11 @@ def graphc_variant(case, name: str, tuning_db: str | os.PathLike, folder: Path,
     prep["phase_seconds"] = tvm_meta.get("phase_seconds", {})
     prep["tuned_kernels"] = len(applied)
     note = f"{cm.target}; {len(applied)} kernel(s) from the tuning database"
-    return Variant(name, lambda: cm(*inputs), lambda: _flat(cm(*inputs)), prepare=prep,
-                   note=note, run=lambda xs: _flat(cm(*xs)), artifact_bytes=path.stat().st_size)
+    def run(xs):
+        return _flat(cm(*xs))
+
+    return Variant(name, lambda: cm(*inputs), lambda: run(inputs), prepare=prep, note=note,
+                   run=run, artifact_bytes=path.stat().st_size)
 
 
 def int8_graph(case):

