@@ -7,6 +7,8 @@ benchmarking, the pass report, and the one-file artifact format:
     model.graphc (zip)
       meta.json      format marker, version, specs, target, backend, free-form meta
       runner/...     files the backend's runner wrote (e.g. the TVM shared library)
+      __main__.py    when the runner has main_script(): `python3 model.graphc` runs the model
+                     without graphc (TVM: backends/tvm/board_runner.py, for devices)
 """
 
 from __future__ import annotations
@@ -133,6 +135,9 @@ class CompiledModel:
             partial = path.with_name(path.name + ".partial")
             with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
                 zf.writestr("meta.json", header_text)
+                main_script = getattr(self.runner, "main_script", None)  # optional
+                if main_script is not None:
+                    zf.writestr("__main__.py", main_script())
                 for f in sorted(Path(tmp).rglob("*")):
                     if f.is_file():
                         zf.write(f, "runner/" + f.relative_to(tmp).as_posix())

@@ -25,6 +25,7 @@ from graphc.compiled import CompiledModel
 from graphc.errors import BackendError, GraphcError
 from graphc.spec import TensorSpec
 
+from . import cross
 from .legalize import LEGALIZATIONS
 from .lower import import_program
 from .runtime import runner_from_executable
@@ -93,6 +94,7 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
     search budget and database (tuning.py); None applies the default database's records."""
     resolved = resolve_target(target)
     tgt = resolved.target
+    _check_tuning(tuning, resolved)
     seconds: dict[str, float] = {}
     tuned = TuningReport()
     with _phase("import", seconds, tgt):
@@ -116,6 +118,15 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
     return CompiledModel(runner_from_executable(executable, info), input_specs=input_specs,
                          output_specs=output_specs, single_output=single_output,
                          target=resolved.description, backend="tvm", meta=meta)
+
+
+def _check_tuning(tuning: TuningOptions | None, resolved) -> None:
+    # A search measures candidate kernels by running them: impossible for another architecture.
+    if tuning is not None and tuning.trials > 0 and not cross.runs_here(
+            target_config(resolved.target)):
+        raise BackendError(f"tune: target {resolved.description!r} does not run on this "
+                           f"{cross.host_arch()} host, so its kernels cannot be measured here; "
+                           "compile with tune=0 (the default schedules)")
 
 
 @contextmanager

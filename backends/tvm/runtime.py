@@ -1,8 +1,14 @@
 """Running a built TVM module: the Relax VM behind graphc's Runner protocol, and its files.
 
 Saved files (inside the graphc artifact's runner/ folder):
-    lib.so        executable.export_library(): kernels + VM bytecode + constants (weights)
+    lib.so        executable.export_library(): kernels + VM bytecode + constants (weights),
+                  linked for the target's architecture (cross.py picks the linker)
     runner.json   the target it was built for, to warn before running on a different CPU
+and, at the artifact's top level, __main__.py (board_runner.py): `python3 model.graphc`
+runs the model with tvm + numpy only, on the device it was built for.
+
+A model built for another architecture (target "arm" on x86) gets a ForeignRunner: it saves
+and shows its code, and calling it raises an error that says where and how to run it.
 """
 
 from __future__ import annotations
@@ -21,21 +27,57 @@ from tvm import relax
 from tvm.target import codegen
 
 from graphc.compiled import ArtifactError
-from graphc.errors import GraphcError
+from graphc.errors import BackendError, GraphcError
+
+from . import cross
 
 LIB_FILE = "lib.so"
 INFO_FILE = "runner.json"
+MAIN_FILE = Path(__file__).with_name("board_runner.py")  # the artifact's __main__.py
 ALIGNMENT = 64  # TVM's kernels assume 64-byte aligned buffers; from_dlpack checks it
 
 
-class TVMRunner:
-    """Runs `main` of a Relax VM executable on CPU (graphc.compiled.Runner protocol)."""
+class _Built:
+    """What every TVM runner has: the files save() writes and the generated code."""
 
-    def __init__(self, module, export: Callable[[Path], None], info: dict):
-        self.vm = relax.VirtualMachine(module, tvm.cpu())
-        self.main = self.vm["main"]  # looked up once: the lookup shows in small benchmarks
+    def __init__(self, export: Callable[[Path], None], info: dict, code=None):
         self._export = export
         self.info = info
+        self._code = code  # the executable's module tree; None once loaded from a file
+
+    def save(self, directory: Path) -> None:
+        self._export(directory / LIB_FILE)
+        (directory / INFO_FILE).write_text(json.dumps(self.info))
+
+    def main_script(self) -> str:
+        """The artifact's __main__.py: runs it without graphc or torch (board_runner.py)."""
+        return MAIN_FILE.read_text()
+
+    def source(self, fmt: str = "asm") -> str:
+        """The kernels' generated code ("asm" or "ll"), for a model compiled in this process."""
+        if self._code is None:
+            raise GraphcError("source(): only a model compiled in this process has its "
+                              "generated code; a loaded artifact holds machine code only")
+        kernels = [m for m in self._code.imports if m.kind == "llvm"]
+        return "\n".join(m.inspect_source(fmt) for m in kernels)
+
+
+class ForeignRunner(_Built):
+    """A model built for another machine's architecture: saves, refuses to run."""
+
+    def convert(self, inputs):
+        raise BackendError(cross.foreign_reason(self.info["target"], _built_for(self.info)))
+
+    run = outputs = convert
+
+
+class TVMRunner(_Built):
+    """Runs `main` of a Relax VM executable on CPU (graphc.compiled.Runner protocol)."""
+
+    def __init__(self, module, export: Callable[[Path], None], info: dict, code=None):
+        super().__init__(export, info, code)
+        self.vm = relax.VirtualMachine(module, tvm.cpu())
+        self.main = self.vm["main"]  # looked up once: the lookup shows in small benchmarks
         self._threads: int | None = None
 
     @property
@@ -65,14 +107,18 @@ class TVMRunner:
             native_outputs = [native_outputs]
         return [t.numpy() for t in native_outputs]
 
-    def save(self, directory: Path) -> None:
-        self._export(directory / LIB_FILE)
-        (directory / INFO_FILE).write_text(json.dumps(self.info))
 
+def runner_from_executable(executable, info: dict) -> _Built:
+    """A runner over a freshly built executable (export_library links lib.so on save, with
+    the cross linker when the target is another architecture)."""
+    config = info["target"]
 
-def runner_from_executable(executable, info: dict) -> TVMRunner:
-    """A runner over a freshly built executable (export_library links lib.so on save)."""
-    return TVMRunner(executable, lambda path: executable.export_library(str(path)), info)
+    def export(path: Path) -> None:
+        executable.export_library(str(path), fcompile=cross.fcompile(config))
+
+    if not cross.runs_here(config):
+        return ForeignRunner(export, info, executable.mod)
+    return TVMRunner(executable, export, info, executable.mod)
 
 
 def load_runner(directory: Path) -> TVMRunner:
@@ -81,8 +127,10 @@ def load_runner(directory: Path) -> TVMRunner:
     if not lib.is_file() or not info_file.is_file():
         raise ArtifactError(f"tvm backend: artifact lacks {LIB_FILE} or {INFO_FILE}")
     info = json.loads(info_file.read_text())
-    _warn_if_other_cpu(info)
     data = lib.read_bytes()  # kept to save again: a loaded module cannot be re-exported
+    if not cross.runs_here(info.get("target", {})):
+        return ForeignRunner(lambda path: Path(path).write_bytes(data), info)
+    _warn_if_other_cpu(info)
     try:
         module = tvm.runtime.load_module(str(lib))
         runner = TVMRunner(module, lambda path: Path(path).write_bytes(data), info)
@@ -110,6 +158,10 @@ def max_threads() -> int:
         return max(1, int(value)) if value else max(1, (os.cpu_count() or 2) // 2)
     except ValueError:
         return 1
+
+
+def _built_for(info: dict) -> str:
+    return info.get("preset") or info["target"].get("mtriple") or "another machine"
 
 
 def _warn_if_other_cpu(info: dict) -> None:

@@ -3,8 +3,12 @@
     "cpu"   this host: LLVM's name for the host CPU as mcpu, so LLVM may use every ISA
             extension it has (AVX2/FMA, AVX-512, ...). Artifacts may not run on older CPUs.
     "x86"   any x86-64 machine from about 2009 on (x86-64-v2: SSE4.2, POPCNT; no AVX).
+    "arm"   64-bit ARM (aarch64, armv8-a + NEON), cross-compiled: any aarch64 Linux board.
 
-ARM ("arm": aarch64 cross-compiled) and CUDA slot in as more rows of PRESETS.
+A preset takes feature suffixes from its `features` row: "arm+dotprod" (sdot/udot, armv8.2-a
+on: Cortex-A55/A76 and later), "arm+dotprod+i8mm" (usdot too, armv8.6-a on: Cortex-A510/X2,
+Neoverse V1/N2, Graviton 3). Where an artifact runs is decided by its triple (cross.py).
+CUDA slots in as more rows of PRESETS.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tvm
 from tvm.target import codegen
@@ -35,16 +39,33 @@ def _generic_x86() -> dict:
             "num-cores": _cores()}
 
 
+# The build host's core count says nothing about the board; 4 is the common count of ARM
+# boards (Raspberry Pi 4/5, Jetson Orin Nano, RK3588's big cluster). It only shapes how the
+# schedules split work; the thread count is the board's TVM_NUM_THREADS.
+ARM_CORES = 4
+
+
+def _generic_arm() -> dict:
+    return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic",
+            "mattr": ["+neon"], "num-cores": ARM_CORES}
+
+
 @dataclass(frozen=True)
 class Preset:
     describe: str  # one line for users and for CompiledModel.target
     make: Callable[[], dict]  # builds the TVM target dict when the preset is used
-    runs_here: bool = True  # False for cross-compiling presets (arm, cuda without a GPU)
+    # "+name" suffixes the preset takes -> LLVM mattr entries they add
+    features: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset("this host's CPU", _host_cpu),
     "x86": Preset("generic x86-64 (x86-64-v2)", _generic_x86),
+    "arm": Preset("64-bit ARM (aarch64, armv8-a + NEON), cross-compiled", _generic_arm, {
+        "dotprod": ("+dotprod",),  # sdot/udot: int8 dot products, 4 per int32 lane
+        # usdot (u8 x s8) and the smmla family; every i8mm core (armv8.6-a) has dotprod too
+        "i8mm": ("+dotprod", "+i8mm"),
+    }),
 }
 
 
@@ -59,10 +80,10 @@ def resolve_target(spec) -> ResolvedTarget:
     """A preset name, a TVM target dict or JSON string, or a tvm.target.Target -> ResolvedTarget."""
     if isinstance(spec, tvm.target.Target):
         return ResolvedTarget(spec, _summary(spec), None)
-    if isinstance(spec, str) and spec in PRESETS:
-        target = _make(PRESETS[spec].make(), spec)
-        return ResolvedTarget(target, f"{spec}: {PRESETS[spec].describe} [{_summary(target)}]",
-                              spec)
+    if isinstance(spec, str) and spec.split("+")[0] in PRESETS:
+        target = _make(_preset_config(spec), spec)
+        describe = PRESETS[spec.split("+")[0]].describe
+        return ResolvedTarget(target, f"{spec}: {describe} [{_summary(target)}]", spec)
     if isinstance(spec, str) and spec.lstrip().startswith("{"):
         try:
             spec = json.loads(spec)
@@ -71,9 +92,28 @@ def resolve_target(spec) -> ResolvedTarget:
     if isinstance(spec, dict):
         target = _make(spec, json.dumps(spec))
         return ResolvedTarget(target, _summary(target), None)
-    names = ", ".join(f"{k!r} ({p.describe})" for k, p in PRESETS.items())
+    names = ", ".join(f"{k!r} ({p.describe}{_suffixes(p)})" for k, p in PRESETS.items())
     raise BackendError(f"tvm backend: unknown target {spec!r}; use a preset ({names}) or a "
                        'full TVM target as a dict, e.g. {"kind": "llvm", "mcpu": "znver3"}')
+
+
+def _suffixes(preset: Preset) -> str:
+    return "; takes " + ", ".join("+" + f for f in preset.features) if preset.features else ""
+
+
+def _preset_config(spec: str) -> dict:
+    """"arm+dotprod+i8mm" -> the arm preset's dict with the features' mattr entries added."""
+    name, *suffixes = spec.split("+")
+    preset = PRESETS[name]
+    config = preset.make()
+    for suffix in suffixes:
+        if suffix not in preset.features:
+            known = ", ".join(f"{name}+{f}" for f in preset.features) or "none"
+            raise BackendError(f"tvm backend: target {spec!r}: preset {name!r} has no feature "
+                               f"{suffix!r} (known: {known})")
+        attrs = config.setdefault("mattr", [])
+        attrs.extend(a for a in preset.features[suffix] if a not in attrs)
+    return config
 
 
 def _make(config: dict, what: str) -> tvm.target.Target:
