@@ -4,7 +4,7 @@
     optimize   Relax: decompose for inference, legalize to TIR, fold, fuse     dump "relax-opt"
     schedule   tuned schedules from the MetaSchedule database (tuning.py), then
                the default rule table, one rule per op class (schedules/)    dump "tir"
-    build      Relax VM lowering, then TIR -> LLVM codegen for the target
+    build      Relax VM lowering (main compiled to TIR, not bytecode), TIR -> LLVM codegen
 
 Each phase is a list of passes (like TVM's relax/backend/*/pipeline.py), so a later target or
 a tuned schedule replaces one list, not the driver.
@@ -98,7 +98,7 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
     seconds: dict[str, float] = {}
     tuned = TuningReport()
     with _phase("import", seconds, tgt):
-        mod = import_program(ep)
+        mod = import_program(ep, tgt)
         _check_signature(mod, input_specs, output_specs)
     _dump(dump, "relax", mod.script)
     with tvm.transform.PassContext(opt_level=3), tgt:
@@ -109,8 +109,10 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
             mod = tvm.transform.Sequential(schedule_passes(tgt, tuning, tuned))(mod)
         _dump(dump, "tir", lambda: _tir_script(mod))
         with _phase("build", seconds, tgt):
-            executable = tvm.compile(mod, tgt, relax_pipeline=tvm.transform.Sequential(
-                build_passes(tgt)))
+            # exec_mode="compiled": main becomes one compiled function instead of VM bytecode
+            # (MobileNetV2 4.98 -> 4.87 ms, MiniLM 14.8 -> 14.7 ms; ~240 and ~1100 calls)
+            executable = relax.build(mod, tgt, exec_mode="compiled",
+                                     relax_pipeline=tvm.transform.Sequential(build_passes(tgt)))
     info = {"target": target_config(tgt), "preset": resolved.preset,
             "host_cpu": tvm.target.codegen.llvm_get_system_cpu()}
     meta = {"tvm": {"version": tvm.__version__, "phase_seconds": seconds, **info,
