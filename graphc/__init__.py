@@ -14,6 +14,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
 from graphc import ops, passes, qat  # noqa: F401  (registers the graphc:: ops and passes)
 from graphc.api import compile, lower, trace
 from graphc.calibrate import calibrate
+from graphc.distill import distill
 from graphc.errors import (
     ArtifactError,
     BackendError,
@@ -56,6 +57,7 @@ __all__ = [
     "VerifyError",
     "calibrate",
     "compile",
+    "distill",
     "load",
     "lower",
     "parse_pipeline",

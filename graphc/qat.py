@@ -37,6 +37,17 @@ def scale_names(g: Graph) -> set[str]:
             if n.op == "call_function" and n.target in FAKE_QUANT_OPS and len(n.args) > 3}
 
 
+def param_groups(g: Graph, lr: float, scale_lr: float | None = None,
+                 names: set[str] | None = None) -> list[dict]:
+    """Adam groups: [weights at lr, fake-quant scales at scale_lr (default lr / 100)];
+    only the parameters in `names` when given (graphc.distill trains a subset)."""
+    scales = scale_names(g)
+    params = {n: p for n, p in g.gm.named_parameters() if names is None or n in names}
+    return [{"params": [p for n, p in params.items() if n not in scales], "lr": lr},
+            {"params": [p for n, p in params.items() if n in scales],
+             "lr": lr / 100 if scale_lr is None else scale_lr}]
+
+
 def train(graph: Graph, data: Iterable, loss_fn: Callable | None = None, *, epochs: int = 1,
           lr: float = 3e-4, scale_lr: float | None = None) -> Graph:
     """Train a copy of graph on `data` with Adam; returns the trained copy.
@@ -51,11 +62,7 @@ def train(graph: Graph, data: Iterable, loss_fn: Callable | None = None, *, epoc
         raise GraphcError(f"qat.train: epochs={epochs} must be >= 1 and lr={lr} > 0")
     g = own_parameters(graph)
     loss_fn = loss_fn or F.cross_entropy
-    scales = scale_names(g)
-    params = dict(g.gm.named_parameters())
-    groups = [{"params": [p for n, p in params.items() if n not in scales], "lr": lr},
-              {"params": [p for n, p in params.items() if n in scales],
-               "lr": lr / 100 if scale_lr is None else scale_lr}]
+    groups = param_groups(g, lr, scale_lr)
     opt = torch.optim.Adam([grp for grp in groups if grp["params"]])
     losses = []
     g.gm.train()
