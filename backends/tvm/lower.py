@@ -9,7 +9,9 @@ or an ATen op to be lowered differently) get a rule from the LOWERINGS table:
         return importer.block_builder.emit(relax.op.matmul(x, w))
 
 A rule has TVM's custom-convert signature `(node, importer) -> relax.Expr`; `importer.env`
-maps fx nodes to Relax values and `importer.block_builder` emits new bindings.
+maps fx nodes to Relax values and `importer.block_builder` emits new bindings;
+`importer.target` is the tvm.target.Target being compiled for (None outside a build), for
+rules whose best form depends on the instructions the target has.
 
 TVM keys its converters by `node.target.__name__` ("scale_add.default"), which drops the
 namespace, so graphc::relu would collide with aten::relu. We therefore dispatch on the full
@@ -75,10 +77,12 @@ def target_key(target) -> str:
 class _Importer(ExportedProgramImporter):
     """TVM's importer with graphc's rules in front, remembering the node being converted."""
 
-    def __init__(self, rules: dict[str, Lowering]):
+    def __init__(self, rules: dict[str, Lowering], target: tvm.target.Target | None = None):
         super().__init__()
         self.builtin = self.convert_map
         self.rules = rules
+        self.target = target
+        self.memo: dict = {}  # values rules derive once and share between nodes (lower_quant)
         self.node: fx.Node | None = None
         short_names = set(self.builtin) | {key.split(".", 1)[1] for key in rules}
         self.convert_map = {name: self._convert for name in short_names}
@@ -106,10 +110,11 @@ class _Importer(ExportedProgramImporter):
         return not foreign and getattr(node.target, "__name__", None) in self.builtin
 
 
-def import_program(ep: torch.export.ExportedProgram) -> tvm.IRModule:
+def import_program(ep: torch.export.ExportedProgram,
+                   target: tvm.target.Target | None = None) -> tvm.IRModule:
     """Convert a core-ATen ExportedProgram to a Relax module whose `main` takes the user inputs
     (weights become constants) and returns a tuple of the user outputs."""
-    importer = _Importer(dict(LOWERINGS))
+    importer = _Importer(dict(LOWERINGS), target)
     for node in ep.graph.nodes:
         if node.op == "call_function" and not importer.lowerable(node):
             raise UnsupportedOpError(f"tvm backend: no lowering for {target_key(node.target)} "

@@ -7,6 +7,10 @@ bias), which FuseOps keeps in the matmul's kernel, where the int8 schedule rule
 `conv2d(out_dtype="int32")` on its input, which the graph already padded with the zero point. quantize is divide, round (half to even, as
 torch.round), add, clip, cast: fused into whatever produced x.
 
+On a target whose only 8-bit dot instruction is signed (AArch64 dotprod's sdot, without
+i8mm's usdot), qlinear feeds the kernel x - 128 as int8 and zero point - 128 instead: since
+sum((x - 128) w) - (zp - 128) sum(w) = sum(x w) - zp sum(w), the result is bit-identical.
+
 Fake-quant ops that fold-fake-quant left are emulated in float32 with the same formula.
 """
 
@@ -15,6 +19,8 @@ from __future__ import annotations
 from tvm import relax
 
 from .lower import register_lowering
+from .schedules.intrin import signed_activations
+from .schedules.isa import isa_of
 
 op = relax.op
 
@@ -111,9 +117,28 @@ def _dequant(importer, acc, x_scale, x_zp, w_scale, w_sum, bias, axis: int):
     return out if bias is None else op.add(out, _along(bias, axis, rank))
 
 
+def _signed(importer, node, x, zp):
+    """u8 x, zp -> s8 x - 128, zp - 128 (flipping the top bit), exact; see the docstring.
+    Once per quantized input: q, k and v projections share one."""
+    key = ("signed", node.args[0], node.args[2])
+    if key not in importer.memo:
+        shifted = op.subtract(op.astype(x, "int16"), relax.const(128, "int16"))
+        importer.memo[key] = (_emit(importer, op.astype(shifted, "int8")),
+                              _emit(importer, op.subtract(zp, relax.const(128, "int32"))))
+    return importer.memo[key]
+
+
+def _wants_signed(importer, x) -> bool:
+    target = importer.target
+    return (target is not None and x.ty.dtype == "uint8"
+            and signed_activations(isa_of(target)))
+
+
 @register_lowering("graphc::qlinear")
 def _qlinear(node, importer):
     x, xs, xz, w, ws, wsum, bias = _args(node, importer)
+    if _wants_signed(importer, x):
+        x, xz = _signed(importer, node, x, xz)
     acc = _emit(importer, op.matmul(x, w, out_dtype="int32"))
     return _emit(importer, _dequant(importer, acc, xs, xz, ws, wsum, bias, -1))
 

@@ -1,5 +1,5 @@
-"""int8 x int8 -> int32 matmul (dense, matmul, batch-matmul) on x86, with dot-product
-instructions (intrin.py) in the micro-kernel.
+"""int8 x int8 -> int32 matmul (dense, matmul, batch-matmul) on x86 (AVX2, AVX-512 VNNI) and
+AArch64 (dotprod, i8mm), with dot-product instructions (intrin.py) in the micro-kernel.
 
 The loop nest is matmul.py's (parallel outer tiles, j0 outside i0, fused epilogue, constant
 weights packed at compile time) with an int32 accumulator tile and k grouped by the
@@ -25,32 +25,30 @@ from . import layout
 from . import matmul as mm_rule
 from .common import RULE_MARK
 from .intrin import DotIntrin, dot_intrin
-from .isa import ISA, isa_of
+from .isa import isa_of
 
 INT8 = ("int8", "uint8")
 
 # Micro-kernel rows RI for NV accumulator vectors per row, by instruction family: RI*NV
 # accumulators, NV weight vectors (widened to int16 on the i16 paths) and a broadcast must
 # fit the register file. Measured at 1024x384x1536 (noisy, 2 shared cores): VNNI tiles from
-# 3x6 to 12x2 within 5% of each other; AVX2 6x2 ~10% ahead of 2x4 and 4x2.
+# 3x6 to 12x2 within 5% of each other; AVX2 6x2 ~10% ahead of 2x4 and 4x2. NEON: 32 q
+# registers hold 24 accumulators + NV weight vectors + the broadcast row (not measured on a
+# board; the register budget is the same as VNNI's).
+_NEON = {4: 6, 3: 8, 2: 12, 1: 16}                  # 32 q registers, 4 int32 lanes
 TILES: dict[str, dict[int, int]] = {
     "vnni_u8s8": {4: 6, 3: 8, 2: 12, 1: 16},        # 32 zmm, 16 int32 lanes
     "vnni_i16": {4: 6, 3: 8, 2: 12, 1: 16},
     "avx2_i16": {2: 6, 1: 8},                       # 16 ymm, 8 int32 lanes
+    "neon_usdot": _NEON, "neon_sdot": _NEON, "neon_udot": _NEON,
 }
-
-
-def isa_kind(isa: ISA) -> str | None:
-    if isa.vnni:
-        return "vnni"
-    return "avx2" if isa.f32_lanes >= 8 else None
 
 
 def schedule_int8(sch: s_tir.Schedule, func, mm, shape: mm_rule.Matmul, tile: mm_rule.Tile,
                   intrin: DotIntrin) -> None:
     multiples = {shape.i: tile.rows, shape.j: tile.cols, shape.k: intrin.kp}
     out, copies = mm_rule.prepare_output(sch, mm, shape, multiples, tile.lanes)
-    if intrin.kp == 2:
+    if intrin.widen_a:
         widen_lhs(sch, mm, shape, copies)
     # the instruction reads kp consecutive k per lane: activations get packed too, per call
     packed = mm_rule.pack_or_copy(sch, func, mm, shape, copies, tile.cols, intrin.kp,
@@ -83,14 +81,13 @@ def widen_lhs(sch: s_tir.Schedule, mm, shape: mm_rule.Matmul, copies: dict) -> N
 
 
 class Int8MatmulRule(dlight.ScheduleRule):
-    """int8/uint8 operands accumulating in int32, on x86 with AVX2 or AVX-512 VNNI."""
+    """int8/uint8 operands accumulating in int32, where the target has a dot instruction for
+    them (intrin.DOTS): x86 AVX2 / AVX-512 VNNI, AArch64 dotprod / i8mm."""
 
     def apply(self, func, target: tvm.target.Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc):
             return None
-        kind = isa_kind(isa_of(target))
-        if kind is None:
-            return None
+        isa = isa_of(target)
         sch = s_tir.Schedule(func)
         mm = mm_rule.find_reduction(sch)
         if mm is None or not mm_rule.inline_prologue(sch, mm):
@@ -98,7 +95,9 @@ class Int8MatmulRule(dlight.ScheduleRule):
         shape = mm_rule.match_matmul(sch, mm, INT8, out_dtype="int32")
         if shape is None:
             return None
-        intrin = dot_intrin(kind, str(shape.lhs.dtype), str(shape.rhs.dtype))
+        intrin = dot_intrin(isa, str(shape.lhs.dtype), str(shape.rhs.dtype))
+        if intrin is None:
+            return None
         tile = mm_rule.choose_tile(TILES[intrin.family], intrin.lanes, shape.m, shape.n)
         schedule_int8(sch, func, mm, shape, tile, intrin)
         return sch

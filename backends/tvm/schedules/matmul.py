@@ -35,11 +35,14 @@ from .isa import ISA, isa_of
 TILES: dict[str, dict[int, int]] = {
     "avx512": {4: 6, 3: 8, 2: 12, 1: 14},   # 32 zmm
     "avx2": {3: 4, 2: 6, 1: 8},             # 16 ymm
-    "sse": {3: 4, 2: 6, 1: 8},              # 16 xmm (x86-64-v2, NEON-sized)
+    "sse": {3: 4, 2: 6, 1: 8},              # 16 xmm (x86-64-v2)
+    "neon": {4: 6, 3: 8, 2: 12, 1: 14},     # 32 q (AArch64; X is a by-element fmla operand)
 }
 
 
 def isa_class(isa: ISA) -> str:
+    if isa.neon:
+        return "neon"
     return "avx512" if isa.avx512 else "avx2" if isa.f32_lanes == 8 else "sse"
 
 
