@@ -67,6 +67,11 @@ CASES = {
     "depthwise_stride2_odd": (17, 17, 3, 2, 1, 17, 1, (1, 13, 13), ("bn", "relu6"),
                               "depthwise"),
     "depthwise_wide_row": (16, 16, 3, 1, 1, 16, 1, (1, 5, 37), ("relu",), "depthwise"),
+    # MobileNetV2's stride-2 layers after TF "same" padding: whole row vectors (strided.py)
+    "depthwise_stride2_mnv2": (24, 24, 3, 2, 0, 24, 1, (1, 33, 33), ("bn", "relu6"),
+                               "depthwise"),
+    # a row of 34 outputs: vectors with a predicated tail, so the plain strided loads
+    "depthwise_stride2_tail": (8, 8, 3, 2, 0, 8, 1, (1, 5, 69), ("relu",), "depthwise"),
     "depthwise_multiplier2": (6, 12, 3, 1, 1, 6, 1, (1, 8, 8), ("relu",), "channel_vector"),
     "conv_then_pad_tail": (8, 16, 3, 1, 1, 1, 1, (1, 12, 12), ("bn", "relu6", "pad"),
                            "channel_vector"),
@@ -136,3 +141,19 @@ def test_weights_are_packed_at_compile_time():
     assert not [n for n in funcs if "weight_prepack" in n], "the repacking kernel survived"
     assert re.search(r"T\.Buffer\(\((T\.int64\(\d+\), ){4}T\.int64\(\d+\)\), \"float32\"\)", text)
     assert float((cm(x) - ref).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("isa", list(TARGETS))
+def test_stride2_depthwise_reads_whole_vectors(isa):
+    """A stride-2 depthwise row that divides into vectors reads its taps with two vector
+    loads and a shuffle (strided.py); a row with a tail keeps the lane-by-lane loads."""
+    torch.manual_seed(0)
+    texts = {}
+    for width in (33, 69):  # 16 outputs per row, then 34
+        model = ConvEpilogue(8, 8, 3, 2, 0, 8, epi=("relu6",)).eval()
+        x = torch.randn(1, 8, 5, width)
+        cm, ref, funcs = compile_with_tir(model, (x,), TARGETS[isa])
+        (texts[width],) = conv_kernels(funcs).values()
+        assert float((cm(x) - ref).abs().max()) < 1e-5
+    assert "T.Shuffle" in texts[33]
+    assert "T.Shuffle" not in texts[69]

@@ -24,6 +24,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
+from . import strided
 from .common import RULE_MARK, cpu_kernel, root_blocks
 from .elementwise import parallel_rows
 from .isa import ISA, isa_of
@@ -93,7 +94,7 @@ def parse(func: tirx.PrimFunc) -> Conv | None:
     data = stmt.reads[0]
     return Conv(sch, blocks[0] if i == 1 else None, blocks[i], after[:n_epi], after[n_epi:],
                 *ext, ic=int(data.source.shape[1]),
-                stride_w=_stride(data.region[3].min, stmt.iter_vars[3].var))
+                stride_w=strided.column_stride(data.region[3].min, stmt.iter_vars[3].var))
 
 
 # (input, weight, accumulator) dtypes the rule schedules. Integer convs (qconv2d) take the
@@ -110,12 +111,6 @@ def _dtypes(stmt) -> tuple[str, str, str]:
 
 def _extents(sch: s_tir.Schedule, block: Block) -> list[int]:
     return [int(v.dom.extent) for v in sch.get(block).iter_vars]
-
-
-def _stride(index, var) -> int:
-    """The coefficient of the output column in the input column index (x*stride + r*dil)."""
-    coeffs = tvm.sym.detect_linear_equation(index, [var])
-    return int(coeffs[0]) if len(coeffs) == 2 and isinstance(coeffs[0], tirx.IntImm) else 0
 
 
 # ---- tile choice ------------------------------------------------------------------------
@@ -314,12 +309,17 @@ def schedule_depthwise(c: Conv, vb: int, nwv: int, nh: int) -> None:
     _, _, ch_, cw, rc, ry, rx = sch.get_loops(c.conv)[-7:]
     wv, wl = sch.split(cw, [nwv, vb])
     sch.reorder(rc, ry, rx, ch_, wv, wl)
-    sch.unroll(ry)
-    sch.unroll(rx)
-    sch.unroll(ch_)
-    sch.unroll(wv)
-    sch.vectorize(wl)
-    sch.decompose_reduction(c.conv, rc)
+    for loop in (ry, rx, ch_, wv):
+        sch.unroll(loop)
+    dtype = _dtypes(sch.get(c.conv))[2]
+    if strided.applies(c.stride_w, c.ow, vb, dtype):
+        # stride 2: each tap's lanes from two vector loads and a shuffle (strided.py)
+        init = sch.decompose_reduction(c.conv, rc)
+        sch.tensorize(wl, strided.intrin("fma", vb, dtype))
+        sch.vectorize(sch.get_loops(init)[-1])
+    else:
+        sch.vectorize(wl)
+        sch.decompose_reduction(c.conv, rc)
     _, ol = sch.split(w1, [None, vb])
     sch.vectorize(ol)
     sch.annotate(out, RULE_MARK, "conv2d.depthwise")
