@@ -1,0 +1,189 @@
+"""share-weights: float weights -> k-means codebooks + indices packed at b bits.
+
+    %fc1_weight: f32[64, 512] = param fc1_weight
+    %permute = aten.permute(%fc1_weight, [1, 0])
+    %addmm = aten.addmm(%fc1_bias, %x, %permute)
+      ->  (decode)  %fc1_weight_cb = graphc.codebook_decode(%fc1_weight_codebook,
+                                                            %fc1_weight_packed, 4, [64, 512])
+                    %permute = aten.permute(%fc1_weight_cb, [1, 0])
+                    %addmm = aten.addmm(%fc1_bias, %x, %permute)
+          (gather)  %addmm = graphc.codebook_linear(%x, %fc1_weight_codebook,
+                                                    %fc1_weight_packed, 4, [64, 512], %fc1_bias)
+
+Each selected weight (passes/share_policy.py) is clustered by 1-D k-means
+(passes/share_kmeans.py) into 2^bits centroids, a float32 parameter (so centroid
+fine-tuning is plain training: the op's gradient sums the members of each centroid), and
+one index per element, packed at `bits` bits into a uint8 buffer (graphc/ops_codebook.py).
+The float weight is dropped. A weight read by several layers (tied) is clustered once.
+
+Lowering per layer (passes/share_lowering.py): `decode` rebuilds the dense weight once, on
+the first call; `gather` reads the codebook inside the layer's kernel on every call
+(linears in nn.Linear's [out, in] layout and embeddings); `auto` times both on `target`.
+The choice and its reason are in graph.meta["share-weights"]["layers"].
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import fx
+
+from graphc.ir import Graph, fetch_attr
+from graphc.ops_codebook import pack, packed_length
+from graphc.pass_manager import register_pass
+from graphc.passes.cleanup import dead_code_elimination
+from graphc.passes.share_kmeans import kmeans_1d
+from graphc.passes.share_lowering import choose_lowering, gather_form
+from graphc.passes.share_policy import OP_CLASSES, SharePolicy, plan
+from graphc.rewrite import add_weight
+from graphc.verify import propagate
+
+Q = torch.ops.graphc
+log = logging.getLogger("graphc")
+
+
+@register_pass("share-weights")
+def share_weights(graph: Graph, *, bits: int = 4, ops: tuple[str, ...] = OP_CLASSES,
+                  min_size: int = 1024, include: tuple[str, ...] = (),
+                  exclude: tuple[str, ...] = (), shared: bool = False,
+                  lowering: Literal["auto", "decode", "gather"] = "auto",
+                  target: str = "cpu", policy: SharePolicy | None = None) -> Graph:
+    """float linear/conv/embedding weights -> k-means codebook + b-bit packed indices.
+
+    bits: 2..8 (2^bits centroids). ops / min_size / include / exclude: which layers.
+    shared: one codebook for all selected weights of a bit width. lowering: decode (dense
+    weight rebuilt once at the first call), gather (codebook read inside the kernel), or
+    auto (both timed on `target`, the faster kept). policy: a SharePolicy (Python only),
+    replacing the selection options.
+    """
+    policy = policy or SharePolicy(bits, tuple(ops), min_size, tuple(include), tuple(exclude),
+                                   shared)
+    chosen = plan(graph, policy)
+    if not chosen:
+        return graph
+    g = graph.copy()
+    weights = _weights_bits(chosen)
+    books = _cluster(g, weights, policy.shared)
+    modes = choose_lowering(g, chosen, lowering, target)
+    report = []
+    for layer, _ in chosen:
+        mode, reason = modes[layer.node]
+        if mode == "gather":
+            _gather(g, _node(g, layer.node), books[layer.weight])
+        report.append(_row(g, layer, books[layer.weight], mode, reason))
+    for weight, book in books.items():
+        _decode_remaining(g, weight, book)
+    g.gm.recompile()
+    out = propagate(dead_code_elimination(g))
+    out.meta["share-weights"] = _summary(report, books, policy)
+    return out
+
+
+def _weights_bits(chosen) -> dict[str, int]:
+    """Weight attribute -> bits; a tied weight read by layers of different widths gets the
+    widest (the more precise) of them."""
+    out: dict[str, int] = {}
+    for layer, bits in chosen:
+        out[layer.weight] = max(bits, out.get(layer.weight, 0))
+    return out
+
+
+class Book:
+    """One weight's codebook attribute, indices, packed buffer and clustering error."""
+
+    def __init__(self, g: Graph, weight: str, codebook: str, indices: torch.Tensor, bits: int):
+        self.weight, self.codebook, self.bits = weight, codebook, bits
+        self.shape = list(indices.shape)
+        dense = fetch_attr(g.gm, weight).detach()
+        approx = fetch_attr(g.gm, codebook).detach()[indices]
+        self.rel_error = float((approx - dense).norm() / dense.norm().clamp(min=1e-30))
+        self.packed = add_weight(g, f"{weight}_packed", pack(indices, bits), trainable=False)
+
+
+def _cluster(g: Graph, weights: dict[str, int], shared: bool) -> dict[str, Book]:
+    """k-means per weight, or once over all weights of one bit width (shared)."""
+    books = {}
+    groups = [[w] for w in weights] if not shared else [
+        [w for w in weights if weights[w] == b] for b in sorted(set(weights.values()))]
+    for names in groups:
+        bits = weights[names[0]]
+        values = [fetch_attr(g.gm, w).detach().reshape(-1) for w in names]
+        centroids, idx = kmeans_1d(torch.cat(values), 1 << bits)
+        stem = names[0] if len(names) == 1 else f"shared{bits}"
+        cb = add_weight(g, f"{stem}_codebook", centroids, trainable=True)
+        start = 0
+        for w, v in zip(names, values):
+            shape = fetch_attr(g.gm, w).shape
+            books[w] = Book(g, w, cb, idx[start:start + v.numel()].reshape(shape), bits)
+            start += v.numel()
+    return books
+
+
+def _node(g: Graph, name: str) -> fx.Node:
+    return next(n for n in g.gm.graph.nodes if n.name == name)
+
+
+def _attrs(g: Graph, book: Book) -> tuple[fx.Node, fx.Node]:
+    graph = g.gm.graph
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        return graph.get_attr(book.codebook), graph.get_attr(book.packed)
+
+
+def _gather(g: Graph, node: fx.Node, book: Book) -> None:
+    """The layer node -> codebook_linear / codebook_embedding on the packed indices."""
+    x, bias = gather_form(node)
+    cb, packed = _attrs(g, book)
+    graph = g.gm.graph
+    with graph.inserting_before(node):
+        if node.target is torch.ops.aten.embedding.default:
+            new = graph.call_function(Q.codebook_embedding.default,
+                                      (cb, packed, book.bits, book.shape, x))
+        else:
+            new = graph.call_function(Q.codebook_linear.default,
+                                      (x, cb, packed, book.bits, book.shape, bias))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    new.name = node.name  # the report and later passes still find the layer by its name
+
+
+def _decode_remaining(g: Graph, weight: str, book: Book) -> None:
+    """Every other read of the float weight -> one codebook_decode; then drop the weight."""
+    graph = g.gm.graph
+    reads = [n for n in graph.nodes if n.op == "get_attr" and n.target == weight]
+    if any(n.users for n in reads):
+        cb, packed = _attrs(g, book)
+        with graph.inserting_after(packed):
+            dec = graph.call_function(Q.codebook_decode.default,
+                                      (cb, packed, book.bits, book.shape))
+        dec.name = f"{weight}_cb"
+        for n in reads:
+            n.replace_all_uses_with(dec)
+    for n in reads:
+        graph.erase_node(n)
+    owner, _, name = weight.rpartition(".")
+    delattr(fetch_attr(g.gm, owner) if owner else g.gm, name)  # the copy's module only
+
+
+def _row(g: Graph, layer, book: Book, mode: str, reason: str) -> dict:
+    n = int(torch.tensor(book.shape).prod())
+    return {"layer": layer.node, "op": layer.op, "class": layer.kind, "weight": layer.weight,
+            "bits": book.bits, "params": n, "rel_error": book.rel_error, "lowering": mode,
+            "reason": reason}
+
+
+def _summary(rows: list[dict], books: dict[str, Book], policy: SharePolicy) -> dict:
+    fp32 = sum(4 * r for r in {b.weight: _numel(b) for b in books.values()}.values())
+    codebooks = {b.codebook: 1 << b.bits for b in books.values()}
+    packed = sum(packed_length(_numel(b), b.bits) for b in books.values())
+    return {"layers": rows, "shared": policy.shared, "weight_bytes_fp32": fp32,
+            "weight_bytes_shared": packed + 4 * sum(codebooks.values()),
+            "codebooks": len(codebooks)}
+
+
+def _numel(book: Book) -> int:
+    return int(torch.tensor(book.shape).prod()) if book.shape else 1
+
