@@ -5,6 +5,7 @@ One technique per module. Each pass is a function Graph -> Graph registered by n
 
 from graphc.passes import (  # noqa: F401  (registers them)
     cleanup,
+    factorize,
     dedupe_weights,
     fold_batchnorm,
     fold_fake_quant,
