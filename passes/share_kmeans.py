@@ -7,7 +7,8 @@ k-1 midpoints plus prefix sums (O(k log n)), not an O(n k) distance table. MiniL
 
 Initialisation at the quantiles (equal-mass bins) puts centroids where the weights are
 dense, as trained weights (bell-shaped) want; Lloyd then moves them to the local optimum
-of the squared error. Deterministic: no random restarts.
+of the squared error (1-D Lloyd creeps: 100 iterations left centroids 1e-4 from their
+members' mean; an iteration costs microseconds). Deterministic: no random restarts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 
-def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_1d(values: torch.Tensor, k: int, iters: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """(centroids f32 [k], ascending; indices int64 with values' shape) minimizing the squared
     error of values ~ centroids[indices]. Fewer than k distinct values: each gets its own
     centroid exactly (the rest repeat the largest and are never used)."""
