@@ -105,6 +105,9 @@ def main() -> None:
         print(f"{method}: factorized in {time.perf_counter() - t0:.1f} s; FFN params "
               f"{rep['params_after'] / rep['params_before']:.3f}x; mean cosine to fp32 over "
               f"{len(evals)} sentences before fine-tuning {before:.4f}", flush=True)
+        results[method] = (f, None, rep)
+        if args.epochs == 0:  # --epochs 0: no distillation
+            continue
         t0 = time.perf_counter()
         r = graphc.distill(f, g, train, epochs=args.epochs, loss="cosine", lr=args.lr,
                            trainable=["*_weight_in", "*_weight_out"] if args.factors_only
