@@ -1,0 +1,95 @@
+"""TVM lowerings of the codebook ops: decode once (dense weight never in lib.so) and gather."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+import graphc
+from graphc.ops_codebook import pack
+from graphc.passes.share_weights import share_weights
+from tests.single_thread import one_torch_thread, single_thread  # noqa: F401  (autouse)
+
+Q = torch.ops.graphc
+
+
+class Codebooked(nn.Module):
+    """All three ops at an odd bit width and sizes whose bit count is not a multiple of 8."""
+
+    def __init__(self, bits: int, n: int = 96, k: int = 75, vocab: int = 37, dim: int = 19):
+        super().__init__()
+        self.bits, self.sizes = bits, ([n, k], [vocab, dim])
+        self.codebook = nn.Parameter(torch.randn(1 << bits))
+        self.register_buffer("w", pack(torch.randint(0, 1 << bits, (n, k)), bits))
+        self.register_buffer("e", pack(torch.randint(0, 1 << bits, (vocab, dim)), bits))
+        self.bias = nn.Parameter(torch.randn(n))
+
+    def forward(self, x, idx):
+        args = (self.codebook, self.w, self.bits, self.sizes[0])
+        dense = nn.functional.linear(x, Q.codebook_decode(*args), self.bias)
+        gathered = Q.codebook_linear(x, *args, self.bias)
+        rows = Q.codebook_embedding(self.codebook, self.e, self.bits, self.sizes[1], idx)
+        return dense, gathered, rows
+
+
+def _size(cm) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        cm.save(f"{d}/m.graphc")
+        return os.path.getsize(f"{d}/m.graphc")
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_tvm_matches_pytorch_before_and_after_the_first_call_and_after_load(bits):
+    m = Codebooked(bits).eval()
+    x, idx = torch.randn(3, 5, 75), torch.randint(0, 37, (4, 6))
+    cm = graphc.compile(m, (x, idx), target="cpu")
+    with torch.no_grad():
+        ref = m(x, idx)
+    for _ in range(2):  # the first call decodes, the second reads the cached weight
+        for got, want in zip(cm(x, idx), ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x2 = torch.randn(3, 5, 75)
+    with torch.no_grad(), tempfile.TemporaryDirectory() as d:
+        cm.save(f"{d}/m.graphc")
+        loaded = graphc.load(f"{d}/m.graphc")
+        for got, want in zip(loaded(x2, idx), m(x2, idx)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lib_holds_packed_indices_not_the_dense_weight():
+    """Constant folding must not decode the weight at compile time: the artifact of a
+    512x512 4-bit weight is smaller than its fp32 one by about the 7/8 the packing saves."""
+    k = 512
+    x = torch.randn(2, k)
+    dense = nn.Linear(k, k).eval()
+    shared = share_weights(graphc.trace(dense, (x,)), bits=4, lowering="decode")
+    assert shared.op_histogram()["graphc.codebook_decode"] == 1
+    fp32, packed = _size(graphc.compile(dense, (x,))), _size(graphc.compile(shared))
+    saved = k * k * 4 - k * k // 2
+    print(f"512x512 linear: artifact {fp32} -> {packed} bytes (packing saves {saved})")
+    assert fp32 - packed >= 0.9 * saved
+
+
+def test_digits_cnn_keeps_accuracy_and_the_artifact_shrinks():
+    from tests.test_qat import _accuracy, _train_digits
+
+    with single_thread():
+        g, _, test = _train_digits()
+    s = share_weights(g, bits=4, lowering="decode")
+    cm32, cms = graphc.compile(g, target="cpu"), graphc.compile(s, target="cpu")
+    with torch.no_grad():
+        deployed = 100.0 * sum(int((cms(xb).argmax(1) == yb).sum()) for xb, yb in test) / 360
+    fp32, shared = _accuracy(g, test), _accuracy(s, test)
+    a, b = _size(cm32), _size(cms)
+    rep = s.meta["share-weights"]
+    print(f"digits 4-bit shared: accuracy fp32 {fp32:.2f}, shared {shared:.2f}, on TVM "
+          f"{deployed:.2f}; artifact {a} -> {b} bytes ({b / a:.3f}x); weights "
+          f"{rep['weight_bytes_fp32']} -> {rep['weight_bytes_shared']} bytes")
+    assert shared >= fp32 - 0.5 and abs(deployed - shared) <= 0.3  # one image of 360 at most
+    # The file shrinks by most of the bytes the packing saves (measured 0.80 of them): the
+    # zip already squeezed ~7% out of the fp32 weights, and the decode kernels add code.
+    # The 0.2x the issue asks for is out of reach on this model: its kernels and debug
+    # info (~45 kB zipped) outweigh its 4-bit weights (19 kB).
+    assert a - b >= 0.75 * (rep["weight_bytes_fp32"] - rep["weight_bytes_shared"])
