@@ -3,12 +3,15 @@
 Integer ops become integer Relax ops: qlinear is `matmul(x_u8, w_i8, out_dtype="int32")`
 followed by the dequantizing epilogue (subtract the zero-point correction, cast, scale, add
 bias), which FuseOps keeps in the matmul's kernel, where the int8 schedule rule
-(schedules/int8.py) runs it on the dot-product instructions. qconv2d is
-`conv2d(out_dtype="int32")` on its input, which the graph already padded with the zero point. quantize is divide, round (half to even, as
-torch.round), add, clip, cast: fused into whatever produced x.
+(schedules/int8.py) runs it on the dot-product instructions. A dense qconv2d (groups 1) is
+the same rule's `matmul(W[O, C*kh*kw], cols[C*kh*kw, OH*OW])`, cols being x itself (1x1,
+stride 1) or an im2col copy (im2col.py) of x, which the graph already padded with the zero
+point; a grouped or depthwise one is `conv2d(out_dtype="int32")`. quantize is divide, round
+(half to even, as torch.round), add, clip, cast: fused into whatever produced x.
 
 On a target whose only 8-bit dot instruction is signed (AArch64 dotprod's sdot, without
-i8mm's usdot), qlinear feeds the kernel x - 128 as int8 and zero point - 128 instead: since
+i8mm's usdot for u8 x s8 or any s8 x u8 form), qlinear and qconv2d feed the kernel x - 128
+as int8 and zero point - 128 instead: since
 sum((x - 128) w) - (zp - 128) sum(w) = sum(x w) - zp sum(w), the result is bit-identical.
 
 Fake-quant ops that fold-fake-quant left are emulated in float32 with the same formula.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from tvm import relax
 
+from .im2col import emit_im2col
 from .lower import register_lowering
 from .schedules.intrin import signed_activations
 from .schedules.isa import isa_of
@@ -128,10 +132,10 @@ def _signed(importer, node, x, zp):
     return importer.memo[key]
 
 
-def _wants_signed(importer, x) -> bool:
+def _wants_signed(importer, x, weights_first: bool = False) -> bool:
     target = importer.target
     return (target is not None and x.ty.dtype == "uint8"
-            and signed_activations(isa_of(target)))
+            and signed_activations(isa_of(target), weights_first))
 
 
 @register_lowering("graphc::qlinear")
@@ -146,13 +150,33 @@ def _qlinear(node, importer):
 @register_lowering("graphc::qconv2d")
 def _qconv2d(node, importer):
     x, xs, xz, w, ws, wsum, bias, stride, dilation, groups = _args(node, importer)
-    acc = _emit(importer, op.nn.conv2d(x, w, strides=stride, padding=0, dilation=dilation,
-                                       groups=groups, out_dtype="int32"))
-    return _emit(importer, _dequant(importer, acc, xs, xz, ws, wsum, bias, 1))
+    if groups != 1:  # depthwise / grouped: the conv rule's int32 lanes
+        acc = _emit(importer, op.nn.conv2d(x, w, strides=stride, padding=0, dilation=dilation,
+                                           groups=groups, out_dtype="int32"))
+        return _emit(importer, _dequant(importer, acc, xs, xz, ws, wsum, bias, 1))
+    return _qconv2d_as_matmul(node, importer, x, xs, xz, w, ws, wsum, bias, stride, dilation)
 
 
-@register_lowering("graphc::qembedding")
-def _qembedding(node, importer):
-    w, ws, indices = _args(node, importer)
-    rows = op.astype(op.take(w, indices, axis=0), "float32")
-    return _emit(importer, op.multiply(rows, op.expand_dims(op.take(ws, indices, axis=0), -1)))
+def _qconv2d_as_matmul(node, importer, x, xs, xz, w, ws, wsum, bias, stride, dilation):
+    """W[O, C*kh*kw] @ cols[C*kh*kw, OH*OW] per image: the int8 matmul rule's dot-product
+    kernel (vpdpbusd, sdot) with the output already in NCHW order. cols is x itself for a
+    1x1 stride-1 conv, else an im2col copy (uint8) that FuseOps merges into the kernel that
+    quantized and zero-padded x."""
+    b, c, h, wd = (int(d) for d in x.ty.shape)
+    o, _, kh, kw = (int(d) for d in w.ty.shape)
+    oh = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if _wants_signed(importer, x, weights_first=True):
+        x, xz = _signed(importer, node, x, xz)
+    if kh == kw == 1 and tuple(stride) == (1, 1):
+        cols = _emit(importer, op.reshape(x, [b, c, h * wd]))
+    else:
+        cols = _emit(importer, emit_im2col(importer.block_builder, x, kh, kw, stride,
+                                           dilation, oh, ow))
+    weights = _emit(importer, op.reshape(w, [o, c * kh * kw]))
+    if b == 1:  # a plain 2-D matmul; batches broadcast the weights over images
+        cols = _emit(importer, op.reshape(cols, [c * kh * kw, oh * ow]))
+    acc = _emit(importer, op.matmul(weights, cols, out_dtype="int32"))
+    # dequantize before the reshape, so FuseOps keeps it in the matmul kernel's epilogue
+    out = _emit(importer, _dequant(importer, acc, xs, xz, ws, wsum, bias, 0 if b == 1 else 1))
+    return _emit(importer, op.reshape(out, [b, o, oh, ow]))

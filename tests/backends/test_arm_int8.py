@@ -84,9 +84,36 @@ def test_signed_shift_is_exact_on_this_host(monkeypatch, tmp_path):
     the int8 x int8 kernels give the same bits as the u8 x s8 ones."""
     f, x = _folded_mlp()
     want = graphc.compile(f, target="cpu", dump_ir=tmp_path / "plain")(x)
-    monkeypatch.setattr(lower_quant, "signed_activations", lambda isa: True)
+    monkeypatch.setattr(lower_quant, "signed_activations", lambda isa, weights_first=False: True)
     got = graphc.compile(f, target="cpu", dump_ir=tmp_path / "signed")(x)
     shift = "- T.int16(128)"  # in the quantize kernel that feeds the matmuls
     assert shift not in next((tmp_path / "plain").glob("*-tir.py")).read_text()
     assert shift in next((tmp_path / "signed").glob("*-tir.py")).read_text()
     assert torch.equal(got, want)
+
+
+def test_signed_shift_is_exact_for_convs_on_this_host(monkeypatch):
+    """The same shift on qconv2d's W @ cols lowering (s8 weights on the left): equal bits."""
+    from tests.passes.test_fold_fake_quant import _convnet
+
+    g, batches = _convnet()
+    f = fold_fake_quant(graphc.quantize(g, calibration=batches))
+    x = batches[0][0]
+    want = graphc.compile(f, target="cpu")(x)
+    monkeypatch.setattr(lower_quant, "signed_activations", lambda isa, weights_first=False: True)
+    assert torch.equal(graphc.compile(f, target="cpu")(x), want)
+
+
+@pytest.mark.parametrize("target,want", [("arm+dotprod", "sdot"), ("arm+i8mm", "sdot"),
+                                         ("arm", None)])
+def test_int8_conv_uses_the_dot_instruction(target, want):
+    """A dense int8 conv (W @ cols) reaches sdot where the target has it (activations shifted
+    to s8: s8 weights x u8 pixels has no instruction), and no dot instruction otherwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU()).eval()
+    batches = [(torch.randn(1, 4, 8, 8),) for _ in range(2)]
+    g = graphc.trace(model, batches[0])
+    f = fold_fake_quant(graphc.quantize(g, calibration=batches))
+    asm = graphc.compile(f, target=target).runner.source("asm")
+    found = {i for i in ("sdot", "udot", "usdot") if re.search(rf"\b{i}\b", asm)}
+    assert found == ({want} if want else set()), found

@@ -282,7 +282,8 @@ INT8 = [  # (x dtype, w dtype, M, K, N)
     ("int8", "uint8", 33, 130, 64),
 ]
 # the instruction each (ISA, dtypes) must reach, checked in the assembly
-INSTRUCTION = {("avx512", ("uint8", "int8")): "vpdpbusd", ("avx512", None): "vpdpwssd",
+INSTRUCTION = {("avx512", ("uint8", "int8")): "vpdpbusd", ("avx512", ("int8", "uint8")): "vpdpbusd",
+               ("avx512", None): "vpdpwssd",
                ("avx2", None): "vpmaddwd"}
 
 

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import graphc
+from graphc.backends.tvm.schedules.isa import isa_of
+from graphc.backends.tvm.target import resolve_target
 from graphc.passes.fold_fake_quant import RULES, fold_fake_quant
 from graphc.passes.quant_report import format_quant_report, measure_deployed
 from graphc.rewrite import apply_rules
@@ -162,10 +164,15 @@ def test_tvm_runs_the_folded_convnet_in_integers(tmp_path):
     # the convolutions and the matmul read int8 / uint8 buffers and accumulate in int32
     assert '"int8"' in tir and '"uint8"' in tir
     assert 'T.Cast("int32"' in tir
-    # every integer kernel is scheduled: the convs by the conv rule, the linear by int8's
+    # every integer kernel is scheduled: the depthwise conv by the conv rule; the dense convs
+    # as W @ cols matmuls (im2col for the 3x3 one) and the linear by the int8 dot-product rule
     marks = re.findall(r'"graphc.schedule": "([^"]*)"', tir)
-    assert sum(m.startswith("conv2d") for m in marks) == 3
-    assert any(m.startswith("int8") for m in marks)
+    assert sum(m.startswith("conv2d") for m in marks) == 1
+    dots = [m.split()[2] for m in marks if m.startswith("int8")]
+    assert len(dots) == 3 and len(re.findall(r"\n    def im2col", tir)) == 1
+    if isa_of(resolve_target("cpu").target).vnni:
+        assert sorted(dots) == ["graphc_vnni_s8u8_int8_uint8"] * 2 + [
+            "graphc_vnni_u8s8_uint8_int8"]
 
 
 def test_tvm_runs_dynamic_linear_and_leftover_fake_quant():

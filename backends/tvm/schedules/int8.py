@@ -38,6 +38,7 @@ INT8 = ("int8", "uint8")
 _NEON = {4: 6, 3: 8, 2: 12, 1: 16}                  # 32 q registers, 4 int32 lanes
 TILES: dict[str, dict[int, int]] = {
     "vnni_u8s8": {4: 6, 3: 8, 2: 12, 1: 16},        # 32 zmm, 16 int32 lanes
+    "vnni_s8u8": {4: 6, 3: 8, 2: 12, 1: 16},
     "vnni_i16": {4: 6, 3: 8, 2: 12, 1: 16},
     "avx2_i16": {2: 6, 1: 8},                       # 16 ymm, 8 int32 lanes
     "neon_usdot": _NEON, "neon_sdot": _NEON, "neon_udot": _NEON,

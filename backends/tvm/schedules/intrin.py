@@ -7,6 +7,7 @@ lane, B packed lane-major with kp consecutive k per lane (the int8 rule's weight
     vnni_u8s8     16 x 4   vpdpbusd zmm (AVX-512 VNNI): u8 x s8, four products per lane;
                            TVM's shipped "dot_16x4_vnni" passes int32 vectors where LLVM 22's
                            llvm.x86.avx512.vpdpbusd.512 wants <64 x i8>, and fails to verify.
+    vnni_s8u8     16 x 4   the same instruction for s8 A x u8 B (qconv2d's W @ cols)
     vnni_i16      16 x 2   vpdpwssd zmm: both sides widened to int16 first, so any mix of
                            u8/s8 is exact (vpdpbusd only takes u8 x s8)
     avx2_i16       8 x 2   vpmaddwd ymm + vpaddd, widened to int16: exact; the faster
@@ -87,6 +88,27 @@ def _vnni_u8s8():
     return impl
 
 
+def _vnni_s8u8():
+    """vpdpbusd with the roles swapped: B (u8 activations) is the unsigned vector operand and
+    A (s8 weights, four consecutive k) the broadcast signed one. Convolutions lowered as
+    W[O, K] @ cols[K, pixels] take this form, so their output comes out in NCHW."""
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "int8", offset_factor=1),
+             B: T.Buffer((16, 4), "uint8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")):
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
+                                          16), dtype="int8x64")
+            b = T.reinterpret(B.vload([0, 0], "uint8x64"), dtype="int8x64")
+            C[T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], "int32x16"), b, a, dtype="int32x16")
+
+    return impl
+
+
 def _i16_pairs(lanes: int, b_dtype: str, vnni: bool):
     """A is already int16 (widened per call, see int8.widen_lhs): its pair is one int32 to
     broadcast. B is widened here (sign or zero, by dtype); adjacent pairs multiply-add."""
@@ -151,6 +173,7 @@ class DotRow:
 # First row whose flag the target has and whose dtypes match wins: the fastest exact form.
 DOTS: list[DotRow] = [
     DotRow("vnni_u8s8", "vnni", ("uint8", "int8"), 16, 4, lambda a, b: _vnni_u8s8()),
+    DotRow("vnni_s8u8", "vnni", ("int8", "uint8"), 16, 4, lambda a, b: _vnni_s8u8()),
     DotRow("vnni_i16", "vnni", None, 16, 2, lambda a, b: _i16_pairs(16, b, vnni=True)),
     DotRow("avx2_i16", "avx2", None, 8, 2, lambda a, b: _i16_pairs(8, b, vnni=False)),
     DotRow("neon_usdot", "i8mm", ("uint8", "int8"), 4, 4,
@@ -173,11 +196,13 @@ def dot_intrin(isa: ISA, a_dtype: str, b_dtype: str) -> DotIntrin | None:
     return None if row is None else _register(row.family, a_dtype, b_dtype)
 
 
-def signed_activations(isa: ISA) -> bool:
+def signed_activations(isa: ISA, weights_first: bool = False) -> bool:
     """Whether u8 activations x s8 weights should be fed to the kernels as s8 (x - 128): the
     target multiplies s8 x s8 with a dot instruction but has none for u8 x s8 (dotprod
-    without i8mm). lower_quant folds the shift into the zero-point correction, exactly."""
-    return _row(isa, "uint8", "int8") is None and _row(isa, "int8", "int8") is not None
+    without i8mm), or for s8 x u8 when the weights are the left operand (weights_first, as
+    in qconv2d's W @ cols). lower_quant folds the shift into the zero-point correction."""
+    pair = ("int8", "uint8") if weights_first else ("uint8", "int8")
+    return _row(isa, *pair) is None and _row(isa, "int8", "int8") is not None
 
 
 @cache
