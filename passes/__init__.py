@@ -5,8 +5,8 @@ One technique per module. Each pass is a function Graph -> Graph registered by n
 
 from graphc.passes import (  # noqa: F401  (registers them)
     cleanup,
-    factorize,
     dedupe_weights,
+    factorize,
     fold_batchnorm,
     fold_fake_quant,
     fold_pad,
