@@ -44,12 +44,29 @@ def host_arch() -> str:
 
 def runs_here(config: dict) -> bool:
     """Whether code built for the target config (target_config(target)) runs on this host."""
+    if config.get("kind", "llvm") != "llvm":  # a GPU: runs where one is (gpu.py)
+        from .gpu import present
+
+        return present(config["kind"])
+    return _native(config)
+
+
+def _native(config: dict) -> bool:
     arch = target_arch(config)
     return arch is None or arch == host_arch()
 
 
+def _cpu_part(config: dict) -> dict:
+    # A GPU target's CPU code (kernel launches, the VM) is its host target's.
+    return config if config.get("kind", "llvm") == "llvm" else (config.get("host") or {})
+
+
 def foreign_reason(config: dict, description: str) -> str:
     """The error for running a model built for another architecture, saying what to do."""
+    if config.get("kind", "llvm") != "llvm":
+        from .gpu import no_gpu_reason
+
+        return no_gpu_reason(description)
     return (f"this model was compiled for {description!r} ({target_arch(config)}) and cannot "
             f"run on this {host_arch()} host: save it with cm.save('model.graphc'), copy the "
             "file to the device and run `python3 model.graphc --inputs x.npz` there (needs "
@@ -59,7 +76,8 @@ def foreign_reason(config: dict, description: str) -> str:
 def fcompile(config: dict):
     """export_library's fcompile for the target: None (the host's cc) for native code, the
     cross linker's driver for another architecture."""
-    if runs_here(config):
+    config = _cpu_part(config)
+    if _native(config):
         return None
     arch = target_arch(config)
     if arch not in ARCHES:

@@ -7,11 +7,13 @@
     build      Relax VM lowering (main compiled to TIR, not bytecode), TIR -> LLVM codegen
 
 Each phase is a list of passes (like TVM's relax/backend/*/pipeline.py), so a later target or
-a tuned schedule replaces one list, not the driver.
+a tuned schedule replaces one list, not the driver. PHASES names, per TVM target kind, the
+module with the kind's lists: this one for CPUs, pipeline_cuda.py for NVIDIA GPUs.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -35,8 +37,16 @@ from .tuning import TuningOptions, TuningReport, tuned_schedules
 
 Dump = Callable[[str, str], None]
 
+# TVM target kind -> the module (relative to this package) whose optimize_passes,
+# schedule_passes, build_passes and EXEC_MODE that kind compiles with
+PHASES = {"llvm": ".pipeline", "cuda": ".pipeline_cuda"}
 
-def optimize_passes(target: tvm.target.Target) -> list:
+# exec_mode="compiled": main becomes one compiled function instead of VM bytecode
+# (MobileNetV2 4.98 -> 4.87 ms, MiniLM 14.8 -> 14.7 ms; ~240 and ~1100 calls)
+EXEC_MODE = "compiled"
+
+
+def optimize_passes(target: tvm.target.Target, options: dict | None = None) -> list:
     """Relax -> fused Relax calling unscheduled TIR kernels."""
     return [
         # batch_norm (inference) becomes elementwise arithmetic that FuseOps fuses into the
@@ -94,6 +104,7 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
     search budget and database (tuning.py); None applies the default database's records."""
     resolved = resolve_target(target)
     tgt = resolved.target
+    phases = _phases(tgt)
     _check_tuning(tuning, resolved)
     seconds: dict[str, float] = {}
     tuned = TuningReport()
@@ -103,18 +114,17 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
     _dump(dump, "relax", mod.script)
     with tvm.transform.PassContext(opt_level=3), tgt:
         with _phase("optimize", seconds, tgt):
-            mod = tvm.transform.Sequential(optimize_passes(tgt))(mod)
+            mod = tvm.transform.Sequential(phases.optimize_passes(tgt, resolved.options))(mod)
         _dump(dump, "relax-opt", mod.script)
         with _phase("schedule", seconds, tgt):
-            mod = tvm.transform.Sequential(schedule_passes(tgt, tuning, tuned))(mod)
+            mod = tvm.transform.Sequential(phases.schedule_passes(tgt, tuning, tuned))(mod)
         _dump(dump, "tir", lambda: _tir_script(mod))
         with _phase("build", seconds, tgt):
-            # exec_mode="compiled": main becomes one compiled function instead of VM bytecode
-            # (MobileNetV2 4.98 -> 4.87 ms, MiniLM 14.8 -> 14.7 ms; ~240 and ~1100 calls)
-            executable = relax.build(mod, tgt, exec_mode="compiled",
-                                     relax_pipeline=tvm.transform.Sequential(build_passes(tgt)))
+            executable = relax.build(mod, tgt, exec_mode=phases.EXEC_MODE,
+                                     relax_pipeline=tvm.transform.Sequential(
+                                         phases.build_passes(tgt)))
     info = {"target": target_config(tgt), "preset": resolved.preset,
-            "host_cpu": tvm.target.codegen.llvm_get_system_cpu()}
+            "host_cpu": tvm.target.codegen.llvm_get_system_cpu(), "options": resolved.options}
     meta = {"tvm": {"version": tvm.__version__, "phase_seconds": seconds, **info,
                     "tuning": tuned.row()}}
     return CompiledModel(runner_from_executable(executable, info), input_specs=input_specs,
@@ -122,7 +132,19 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
                          target=resolved.description, backend="tvm", meta=meta)
 
 
+def _phases(target: tvm.target.Target):
+    kind = target.kind.name
+    if kind not in PHASES:
+        raise BackendError(f"tvm backend: no pipeline for target kind {kind!r} (known: "
+                           f"{', '.join(PHASES)}); add a row to pipeline.PHASES")
+    return importlib.import_module(PHASES[kind], __package__)
+
+
 def _check_tuning(tuning: TuningOptions | None, resolved) -> None:
+    if tuning is not None and tuning.trials > 0 and resolved.target.kind.name != "llvm":
+        raise BackendError(f"tune: graphc searches schedules for CPU targets only; target "
+                           f"{resolved.description!r} uses dlight's GPU rules: compile with "
+                           "tune=0")
     # A search measures candidate kernels by running them: impossible for another architecture.
     if tuning is not None and tuning.trials > 0 and not cross.runs_here(
             target_config(resolved.target)):

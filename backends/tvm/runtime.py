@@ -7,8 +7,10 @@ Saved files (inside the graphc artifact's runner/ folder):
 and, at the artifact's top level, __main__.py (board_runner.py): `python3 model.graphc`
 runs the model with tvm + numpy only, on the device it was built for.
 
-A model built for another architecture (target "arm" on x86) gets a ForeignRunner: it saves
-and shows its code, and calling it raises an error that says where and how to run it.
+A model built for another architecture (target "arm" on x86), or for a GPU this machine does
+not have (target "cuda" without one), gets a ForeignRunner: it saves and shows its code, and
+calling it raises an error that says where and how to run it. On a GPU, inputs are copied to
+the device and outputs back (gpu.py: CUDA kernels compile when the library loads).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tvm.target import codegen
 from graphc.compiled import ArtifactError
 from graphc.errors import BackendError, GraphcError
 
-from . import cross
+from . import cross, gpu, strip
 
 LIB_FILE = "lib.so"
 INFO_FILE = "runner.json"
@@ -54,10 +56,13 @@ class _Built:
         return MAIN_FILE.read_text()
 
     def source(self, fmt: str = "asm") -> str:
-        """The kernels' generated code ("asm" or "ll"), for a model compiled in this process."""
+        """The kernels' generated code ("asm" or "ll" for CPU kernels, "cuda" for the GPU
+        kernels' CUDA C), for a model compiled in this process."""
         if self._code is None:
             raise GraphcError("source(): only a model compiled in this process has its "
                               "generated code; a loaded artifact holds machine code only")
+        if fmt == "cuda":
+            return gpu.source(self._code)
         kernels = [m for m in self._code.imports if m.kind == "llvm"]
         return "\n".join(m.inspect_source(fmt) for m in kernels)
 
@@ -72,11 +77,12 @@ class ForeignRunner(_Built):
 
 
 class TVMRunner(_Built):
-    """Runs `main` of a Relax VM executable on CPU (graphc.compiled.Runner protocol)."""
+    """Runs `main` of a Relax VM executable on its device (graphc.compiled.Runner protocol)."""
 
     def __init__(self, module, export: Callable[[Path], None], info: dict, code=None):
         super().__init__(export, info, code)
-        self.vm = relax.VirtualMachine(module, tvm.cpu())
+        self.device = _device(info)
+        self.vm = relax.VirtualMachine(module, self.device)
         self.main = self.vm["main"]  # looked up once: the lookup shows in small benchmarks
         self._threads: int | None = None
 
@@ -95,11 +101,14 @@ class TVMRunner(_Built):
         self._threads = n
 
     def convert(self, inputs):
-        return [_to_tvm(x) for x in inputs]
+        return [_to_tvm(x, self.device) for x in inputs]
 
     def run(self, native_inputs):
         _use_threads(self._threads or 0)
-        return self.main(*native_inputs)
+        out = self.main(*native_inputs)
+        if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+            self.device.sync()  # GPU kernels run asynchronously: a timed run() must wait
+        return out
 
     def outputs(self, native_outputs):
         # main returns a tuple (the importer keeps the user's output structure flat).
@@ -114,10 +123,12 @@ def runner_from_executable(executable, info: dict) -> _Built:
     config = info["target"]
 
     def export(path: Path) -> None:
-        executable.export_library(str(path), fcompile=cross.fcompile(config))
+        strip.export_library(executable, path, cross.fcompile(config))  # no debug info
 
     if not cross.runs_here(config):
         return ForeignRunner(export, info, executable.mod)
+    if config.get("kind", "llvm") != "llvm":
+        gpu.prepare()  # kernels kept as CUDA source compile when the VM loads them
     return TVMRunner(executable, export, info, executable.mod)
 
 
@@ -131,6 +142,8 @@ def load_runner(directory: Path) -> TVMRunner:
     if not cross.runs_here(info.get("target", {})):
         return ForeignRunner(lambda path: Path(path).write_bytes(data), info)
     _warn_if_other_cpu(info)
+    if info.get("target", {}).get("kind", "llvm") != "llvm":
+        gpu.prepare()  # the CUDA kernels compile as the library loads
     try:
         module = tvm.runtime.load_module(str(lib))
         runner = TVMRunner(module, lambda path: Path(path).write_bytes(data), info)
@@ -175,10 +188,20 @@ def _warn_if_other_cpu(info: dict) -> None:
                       stacklevel=3)
 
 
-def _to_tvm(x) -> tvm.runtime.Tensor:
+def _device(info: dict) -> tvm.runtime.Device:
+    # TVM names the CPU target kind "llvm"; GPU kinds ("cuda") name their device too.
+    kind = info["target"].get("kind", "llvm")
+    return tvm.cpu() if kind == "llvm" else tvm.device(kind)
+
+
+def _to_tvm(x, device: tvm.runtime.Device) -> tvm.runtime.Tensor:
+    on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().contiguous()
-        if x.data_ptr() % ALIGNMENT == 0 and x.numel() > 0:
+        x = x.detach()
+        if x.is_cuda and not on_cpu:
+            return tvm.runtime.from_dlpack(x.contiguous())  # already on the GPU: zero copy
+        x = x.cpu().contiguous()
+        if on_cpu and x.data_ptr() % ALIGNMENT == 0 and x.numel() > 0:
             return tvm.runtime.from_dlpack(x)  # zero copy
         x = x.numpy()
-    return tvm.runtime.tensor(np.ascontiguousarray(x))
+    return tvm.runtime.tensor(np.ascontiguousarray(x), device=device)

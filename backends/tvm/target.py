@@ -8,7 +8,10 @@
 A preset takes feature suffixes from its `features` row: "arm+dotprod" (sdot/udot, armv8.2-a
 on: Cortex-A55/A76 and later), "arm+dotprod+i8mm" (usdot too, armv8.6-a on: Cortex-A510/X2,
 Neoverse V1/N2, Graviton 3). Where an artifact runs is decided by its triple (cross.py).
-CUDA slots in as more rows of PRESETS.
+
+    "cuda"  an NVIDIA GPU: this machine's GPU when one is visible, else sm_80 (Ampere) code
+            (gpu.py). "cuda+fp16" computes in float16 with float32 accumulation; a suffix
+            in a preset's `options` sets a compile option instead of an LLVM attribute.
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ class Preset:
     make: Callable[[], dict]  # builds the TVM target dict when the preset is used
     # "+name" suffixes the preset takes -> LLVM mattr entries they add
     features: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # "+name" suffixes that change how graphc compiles, not the TVM target -> options
+    options: dict[str, dict] = field(default_factory=dict)
+
+
+def _cuda() -> dict:
+    from .gpu import cuda_target  # imported late: only CUDA targets need the GPU probe
+
+    return cuda_target()
 
 
 PRESETS: dict[str, Preset] = {
@@ -66,6 +77,10 @@ PRESETS: dict[str, Preset] = {
         # usdot (u8 x s8) and the smmla family; every i8mm core (armv8.6-a) has dotprod too
         "i8mm": ("+dotprod", "+i8mm"),
     }),
+    "cuda": Preset("NVIDIA GPU (CUDA)", _cuda, options={
+        # ToMixedPrecision: matmul/conv inputs in float16, their accumulators in float32
+        "fp16": {"precision": "float16"},
+    }),
 }
 
 
@@ -74,6 +89,7 @@ class ResolvedTarget:
     target: tvm.target.Target
     description: str  # readable, stored in CompiledModel.target and in saved artifacts
     preset: str | None  # the preset name, None for a target given in full
+    options: dict = field(default_factory=dict)  # from the preset's option suffixes
 
 
 def resolve_target(spec) -> ResolvedTarget:
@@ -81,9 +97,10 @@ def resolve_target(spec) -> ResolvedTarget:
     if isinstance(spec, tvm.target.Target):
         return ResolvedTarget(spec, _summary(spec), None)
     if isinstance(spec, str) and spec.split("+")[0] in PRESETS:
-        target = _make(_preset_config(spec), spec)
+        config, options = _preset_config(spec)
+        target = _make(config, spec)
         describe = PRESETS[spec.split("+")[0]].describe
-        return ResolvedTarget(target, f"{spec}: {describe} [{_summary(target)}]", spec)
+        return ResolvedTarget(target, f"{spec}: {describe} [{_summary(target)}]", spec, options)
     if isinstance(spec, str) and spec.lstrip().startswith("{"):
         try:
             spec = json.loads(spec)
@@ -98,22 +115,27 @@ def resolve_target(spec) -> ResolvedTarget:
 
 
 def _suffixes(preset: Preset) -> str:
-    return "; takes " + ", ".join("+" + f for f in preset.features) if preset.features else ""
+    names = [*preset.features, *preset.options]
+    return "; takes " + ", ".join("+" + f for f in names) if names else ""
 
 
-def _preset_config(spec: str) -> dict:
-    """"arm+dotprod+i8mm" -> the arm preset's dict with the features' mattr entries added."""
+def _preset_config(spec: str) -> tuple[dict, dict]:
+    """"arm+dotprod+i8mm" -> (the arm preset's dict with the features' mattr entries added,
+    compile options); "cuda+fp16" -> (the cuda dict, {"precision": "float16"})."""
     name, *suffixes = spec.split("+")
     preset = PRESETS[name]
-    config = preset.make()
+    config, options = preset.make(), {}
     for suffix in suffixes:
+        if suffix in preset.options:
+            options.update(preset.options[suffix])
+            continue
         if suffix not in preset.features:
-            known = ", ".join(f"{name}+{f}" for f in preset.features) or "none"
+            known = ", ".join(f"{name}+{f}" for f in [*preset.features, *preset.options])
             raise BackendError(f"tvm backend: target {spec!r}: preset {name!r} has no feature "
-                               f"{suffix!r} (known: {known})")
+                               f"{suffix!r} (known: {known or 'none'})")
         attrs = config.setdefault("mattr", [])
         attrs.extend(a for a in preset.features[suffix] if a not in attrs)
-    return config
+    return config, options
 
 
 def _make(config: dict, what: str) -> tvm.target.Target:
@@ -139,7 +161,7 @@ def _plain(v):
 def _summary(target: tvm.target.Target) -> str:
     # The interesting fields only (kind, triple, cpu, cores), in a stable order.
     cfg = target_config(target)
-    keys = ("kind", "mtriple", "mcpu", "mattr", "num-cores")
+    keys = ("kind", "mtriple", "mcpu", "mattr", "num-cores", "arch")
     return " ".join(f"{k}={_fmt(cfg[k])}" if k != "kind" else str(cfg[k])
                     for k in keys if cfg.get(k) not in (None, "", (), []))
 
