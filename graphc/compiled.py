@@ -95,9 +95,19 @@ class CompiledModel:
             raise GraphcError(f"the {self.backend} backend has no thread-count setting")
         self.runner.num_threads = n
 
-    def benchmark(self, repeat: int = 50, warmup: int = 5, number: int = 1) -> dict:
-        """Time the runner on example inputs; stats are milliseconds per call."""
+    def benchmark(self, repeat: int = 50, warmup: int = 5, number: int = 1,
+                  remote: str | None = None) -> dict:
+        """Time the runner on example inputs; stats are milliseconds per call. remote:
+        "host:port" of a TVM RPC server (or "host:port/key" of a tracker) to time the model
+        on that device instead (TVM backend; docs/targets.md, section remote)."""
         inputs = [spec.example(seed=i) for i, spec in enumerate(self.input_specs)]
+        if remote is not None:
+            measure = getattr(self.runner, "benchmark_remote", None)
+            if measure is None:
+                raise GraphcError(f"benchmark(remote=...): the {self.backend} backend cannot "
+                                  "run on a remote device; compile for a TVM target")
+            return measure([_to_numpy(x) for x in inputs], remote, repeat=repeat,
+                           warmup=warmup, number=number)
         native = self.runner.convert(inputs)  # converted once, outside the timed region
         for _ in range(warmup):
             self.runner.run(native)

@@ -56,7 +56,7 @@ def _native(config: dict) -> bool:
     return arch is None or arch == host_arch()
 
 
-def _cpu_part(config: dict) -> dict:
+def cpu_part(config: dict) -> dict:
     # A GPU target's CPU code (kernel launches, the VM) is its host target's.
     return config if config.get("kind", "llvm") == "llvm" else (config.get("host") or {})
 
@@ -76,7 +76,7 @@ def foreign_reason(config: dict, description: str) -> str:
 def fcompile(config: dict):
     """export_library's fcompile for the target: None (the host's cc) for native code, the
     cross linker's driver for another architecture."""
-    config = _cpu_part(config)
+    config = cpu_part(config)
     if _native(config):
         return None
     arch = target_arch(config)

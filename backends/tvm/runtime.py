@@ -51,6 +51,16 @@ class _Built:
         self._export(directory / LIB_FILE)
         (directory / INFO_FILE).write_text(json.dumps(self.info))
 
+    def save_library(self, path: Path) -> None:
+        """Only lib.so (what an RPC device loads: remote.py)."""
+        self._export(path)
+
+    def benchmark_remote(self, inputs, remote: str, **timing) -> dict:
+        """Time the model on an RPC device (remote.py); timing: repeat, warmup, number."""
+        from .remote import benchmark
+
+        return benchmark(self, inputs, remote, **timing)
+
     def main_script(self) -> str:
         """The artifact's __main__.py: runs it without graphc or torch (board_runner.py)."""
         return MAIN_FILE.read_text()
