@@ -145,12 +145,14 @@ def _check_tuning(tuning: TuningOptions | None, resolved) -> None:
         raise BackendError(f"tune: graphc searches schedules for CPU targets only; target "
                            f"{resolved.description!r} uses dlight's GPU rules: compile with "
                            "tune=0")
-    # A search measures candidate kernels by running them: impossible for another architecture.
-    if tuning is not None and tuning.trials > 0 and not cross.runs_here(
-            target_config(resolved.target)):
+    # A search measures candidate kernels by running them: another architecture's need a
+    # device of that architecture behind an RPC tracker (tuning.remote).
+    if tuning is not None and tuning.trials > 0 and tuning.remote is None and not \
+            cross.runs_here(target_config(resolved.target)):
         raise BackendError(f"tune: target {resolved.description!r} does not run on this "
                            f"{cross.host_arch()} host, so its kernels cannot be measured here; "
-                           "compile with tune=0 (the default schedules)")
+                           "compile with tune=0 (the default schedules), or measure on the "
+                           "device: GRAPHC_TUNING_REMOTE=tracker-host:port/key (docs/targets.md)")
 
 
 @contextmanager

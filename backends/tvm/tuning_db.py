@@ -24,6 +24,9 @@ from .target import target_config
 log = logging.getLogger("graphc")
 
 ENV_DB = "GRAPHC_TUNING_DB"
+# "tracker-host:port/key": candidates are measured on a device of that key from a TVM RPC
+# tracker (tuning_search._runner) instead of on this machine, e.g. for target "arm"
+ENV_REMOTE = "GRAPHC_TUNING_REMOTE"
 DEFAULT_DB = Path("~/.cache/graphc/tuning")
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
@@ -58,6 +61,7 @@ class TuningOptions:
     cost_model: str | None = None  # "xgb" / "random"; None: xgb when xgboost is installed
     progress: bool = True  # a rich progress bar while searching
     seed: int | None = None
+    remote: str | None = field(default_factory=lambda: os.environ.get(ENV_REMOTE) or None)
 
 
 @dataclass

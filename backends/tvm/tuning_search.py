@@ -21,6 +21,10 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from graphc.errors import BackendError
+
+from .cross import runs_here
+from .target import target_config
 from .tuning_check import check_best_records
 from .tuning_db import RECORD_FILE, TuningOptions, TuningReport, db_dir, open_database
 
@@ -44,7 +48,7 @@ def run_search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOpti
     trials = int(options.trials)
     per_iter = max(1, min(64, trials, max(8, trials // len(tasks))))
     _import_tensor_intrin_quickly()
-    builder, runner = _builder(), ms.runner.LocalRunner()
+    builder, runner = _builder(), _runner(options.remote)
     report.default_ms, unmeasurable = measure_default_schedules(
         tasks, target, open_database(target, options.db, create=True, defaults=True), builder,
         runner)
@@ -68,9 +72,14 @@ def run_search(mod: tvm.IRModule, target: tvm.target.Target, options: TuningOpti
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), counter],
         )
         report.trials = counter.trials
-    report.rejected = check_best_records(
-        tasks, target, lambda: open_database(target, options.db, create=True),
-        db_dir(target, options.db) / RECORD_FILE)
+    if runs_here(target_config(target)):
+        report.rejected = check_best_records(
+            tasks, target, lambda: open_database(target, options.db, create=True),
+            db_dir(target, options.db) / RECORD_FILE)
+    else:  # the check runs kernels here, beside the unscheduled kernel
+        log.warning("tuning: candidates measured on %s were not checked against the "
+                    "unscheduled kernels (their code does not run on this machine)",
+                    options.remote)
     report.search_seconds = time.perf_counter() - start
     log.info("tuning: %d candidates over %d kernel(s) in %.1f s (cost model %s) -> %s",
              report.trials, len(tasks), report.search_seconds, cost_model, report.db)
@@ -173,6 +182,26 @@ def _cores() -> int:
 def _builder():
     return ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=120,
                                    f_build=_make_fast_build())
+
+
+# seconds an RPC session may take for one batch of candidates (upload, link there, measure)
+RPC_SESSION_S = 120
+
+
+def _runner(remote: str | None):
+    """Where candidates run: here (LocalRunner), or on a tracker's device (RPCRunner; the
+    builder's tar of object files is linked there by the RPC server's compiler)."""
+    if remote is None:
+        return ms.runner.LocalRunner()
+    from .remote import parse
+
+    where = parse(remote)
+    if where.key is None:
+        raise BackendError(f"tuning remote {remote!r}: MetaSchedule measures through an RPC "
+                           "tracker: give 'tracker-host:port/key' (docs/targets.md, remote)")
+    return ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(
+        tracker_host=where.host, tracker_port=where.port, tracker_key=where.key,
+        session_timeout_sec=RPC_SESSION_S), max_workers=1)
 
 
 def _make_fast_build():
