@@ -249,13 +249,20 @@ def _cheap_inspect_stack(context: int = 1) -> list[inspect.FrameInfo]:
 def _quiet_ms_logging():
     """MetaSchedule's logger setup sends every INFO line (per-iteration tables) to stdout when
     its logger has no level; set WARNING first, so the console handler it adds gets WARNING.
-    The per-task logs go to files in the temporary work dir."""
+    The per-task logs go to files in the temporary work dir. Its setup also lists the logger's
+    handlers by name: an unnamed one (a second search in one process, under pytest) makes it
+    fail with "'NoneType' object has no attribute 'format'", so those sit out the setup."""
     ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
     ms_log.setLevel(logging.WARNING)
+    unnamed = [h for h in ms_log.handlers if h.get_name() is None]
+    for handler in unnamed:
+        ms_log.removeHandler(handler)
     try:
         yield
     finally:
         ms_log.setLevel(logging.WARNING)  # its setup sets DEBUG; keep the console quiet
+        for handler in unnamed:
+            ms_log.addHandler(handler)
 
 
 @derived_object
