@@ -180,3 +180,10 @@ def _qconv2d_as_matmul(node, importer, x, xs, xz, w, ws, wsum, bias, stride, dil
     # dequantize before the reshape, so FuseOps keeps it in the matmul kernel's epilogue
     out = _emit(importer, _dequant(importer, acc, xs, xz, ws, wsum, bias, 0 if b == 1 else 1))
     return _emit(importer, op.reshape(out, [b, o, oh, ow]))
+
+
+@register_lowering("graphc::qembedding")
+def _qembedding(node, importer):
+    w, ws, indices = _args(node, importer)
+    rows = op.astype(op.take(w, indices, axis=0), "float32")
+    return _emit(importer, op.multiply(rows, op.expand_dims(op.take(ws, indices, axis=0), -1)))
