@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first")
     p.add_argument("--budget-s", type=float, default=90.0,
                    help="stop a model's rounds after this many seconds (at least 3 rounds)")
+    p.add_argument("--visit-warmup", type=int, default=1,
+                   help="untimed calls each time a variant's turn comes (wakes its threads)")
+    p.add_argument("--visit-calls", type=int, default=3,
+                   help="timed calls each time a variant's turn comes")
     p.add_argument("--gap-ms", type=float, default=200.0,
                    help="pause before each timed call (lets other runtimes' threads idle)")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="output JSON path ('-': none)")
@@ -127,7 +131,9 @@ def bench_model(name: str, args) -> dict:
         load: dict = {}
         with measure.other_load(load):
             rounds = measure.interleave(variants, repeat=args.repeat, warmup=args.warmup,
-                                        budget_s=args.budget_s, gap_s=args.gap_ms / 1e3)
+                                        budget_s=args.budget_s, gap_s=args.gap_ms / 1e3,
+                                        visit_warmup=args.visit_warmup,
+                                        visit_calls=args.visit_calls)
     rows = [{"variant": v.name, **v.stats(), "max_rel_err_vs_torch": v.max_rel_err,
              "prepare": v.prepare, "note": v.note, "artifact_bytes": v.artifact_bytes,
              "quality": v.quality, "samples_ms": [round(s, 4) for s in
@@ -173,7 +179,8 @@ def _meta(args) -> dict:
             "graphc_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"), "passes": measure.PASSES,
             "repeat": args.repeat, "warmup": args.warmup, "budget_s": args.budget_s,
-            "gap_ms": args.gap_ms,
+            "gap_ms": args.gap_ms, "visit_warmup": args.visit_warmup,
+            "visit_calls": args.visit_calls,
             "memory": "prepare peak RSS = the process's VmHWM during export/quantize/compile, "
                       "reset before each (/proc/self/clear_refs); growth = peak - RSS before"}
 
@@ -195,7 +202,8 @@ def print_table(results: dict) -> None:
     table = Table(title=f"graphc side by side: {meta['cpu']}, {meta['cores']} cores, "
                         f"graphc {meta['graphc_commit']}{' (dirty)' if meta['graphc_dirty'] else ''}")
     for col, just in (("model", "left"), ("variant", "left"), ("median ms", "right"),
-                      ("p25-p75 ms", "right"), ("min ms", "right"), ("x ORT fp32", "right"),
+                      ("p25-p75 ms", "right"), ("min ms", "right"),
+                      ("1st call ms", "right"), ("x ORT fp32", "right"),
                       ("max rel err", "right"), ("quality", "right"), ("artifact MB", "right"),
                       ("prepare s", "right"),
                       ("prep. peak RSS MiB (+growth)", "right")):
@@ -207,13 +215,15 @@ def print_table(results: dict) -> None:
                    if "peak_rss_mib" in prep else "")
             table.add_row(m["name"] if i == 0 else "", r["variant"], f"{r['median_ms']:.2f}",
                           f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}", f"{r['min_ms']:.2f}",
+                          f"{r['first_call_median_ms']:.2f}" if "first_call_median_ms" in r
+                          else "",
                           f"{r[key]:.2f}" if r.get(key) else "-",
                           f"{r['max_rel_err_vs_torch']:.1e}",
                           f"{r['quality']['mean']:.4f}" if r.get("quality") else "",
                           f"{r['artifact_bytes'] / 2**20:.1f}" if r.get("artifact_bytes") else "",
                           f"{prep['seconds']:.1f}" if "seconds" in prep else "", rss)
         for v, why in {**m["failed"], **m["skipped"]}.items():
-            table.add_row("", v, "-", "", "", "", "", "", "", "", why[:60])
+            table.add_row("", v, "-", "", "", "", "", "", "", "", "", why[:60])
         table.add_section()
     console = Console(width=160)
     console.print(table)

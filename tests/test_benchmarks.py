@@ -31,14 +31,14 @@ def test_harness_runs_every_variant_and_writes_json(tmp_path, monkeypatch, capsy
     out = tmp_path / "r.json"
     assert run.main(["--models", "tiny", "--variants", "torch", "ort-fp32", "ort-int8", "graphc",
                      "graphc-tuned", "graphc-int8", "--tuned-db", str(tmp_path / "empty-db"), "--repeat", "4",
-                     "--warmup", "1", "--gap-ms", "0", "--json", str(out)]) == 0
+                     "--warmup", "1", "--gap-ms", "0", "--visit-calls", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     (model,) = result["models"]
     rows = {r["variant"]: r for r in model["variants"]}
     assert set(rows) == {"torch", "ort-fp32", "ort-int8", "graphc", "graphc-int8"}
     assert "graphc-tuned" in model["skipped"]  # the database has no records
     for name, r in rows.items():
-        assert r["n"] == len(r["samples_ms"]) == 4, name
+        assert r["n"] == len(r["samples_ms"]) == 8, name  # 4 rounds x 2 timed calls
         assert r["min_ms"] <= r["median_ms"], name
     assert rows["ort-fp32"]["ratio_vs_ort_fp32"] == 1.0
     assert rows["torch"]["max_rel_err_vs_torch"] == 0.0
@@ -61,10 +61,16 @@ def test_measure_helpers():
     assert measure.max_rel_err([torch.ones(3).numpy() * 1.5], [torch.ones(3).numpy() * 2]) == 0.25
     calls = []
     variants = [measure.Variant(n, lambda n=n: calls.append(n), list) for n in "abc"]
-    assert measure.interleave(variants, repeat=6, warmup=0, budget_s=1e9, gap_s=0) == 6
-    rounds = [calls[i:i + 3] for i in range(0, 18, 3)]
+    assert measure.interleave(variants, repeat=6, warmup=0, budget_s=1e9, gap_s=0,
+                              visit_warmup=1, visit_calls=2) == 6
+    visits = [calls[i:i + 3] for i in range(0, 54, 3)]  # 1 untimed + 2 timed calls a visit
+    assert all(len(set(v)) == 1 for v in visits) and len(calls) == 54
+    rounds = [[v[0] for v in visits[i:i + 3]] for i in range(0, 18, 3)]
     assert all(sorted(r) == list("abc") for r in rounds)  # every variant once per round
     assert len({tuple(r) for r in rounds}) > 1  # in varying orders
+    for v in variants:  # two timed samples a visit, the visit's first call reported apart
+        assert len(v.samples_ms) == 12 and len(v.first_ms) == 6
+        assert "first_call_median_ms" in v.stats()
     stats = {}
     with measure.track(stats):
         sum(range(1000))
