@@ -71,40 +71,25 @@ def _desc(lanes: int, kp: int, a_dtype: str, b_dtype: str, a_widened: bool):
     return desc
 
 
-def _vnni_u8s8():
+def _vnni(a_dtype: str, b_dtype: str):
+    """vpdpbusd: its first source is the unsigned bytes, its second the signed ones. A (four
+    consecutive k, broadcast) is whichever of the two the dtypes say: u8 activations x s8
+    weights for qlinear, s8 weights x u8 pixels for qconv2d's W @ cols, whose output so
+    comes out in NCHW."""
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((16, 4), "int8", offset_factor=1),
+    def impl(A: T.Buffer((4,), a_dtype, offset_factor=1),
+             B: T.Buffer((16, 4), b_dtype, offset_factor=1),
              C: T.Buffer((16,), "int32", offset_factor=1, scope="local")):
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
-            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
-                                          16), dtype="int8x64")
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{a_dtype}x4"),
+                                                        dtype="int32"), 16), dtype="int8x64")
+            b = T.reinterpret(B.vload([0, 0], f"{b_dtype}x64"), dtype="int8x64")
+            unsigned, signed = (a, b) if a_dtype == "uint8" else (b, a)
             C[T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], "int32x16"), a, B.vload([0, 0], "int8x64"), dtype="int32x16")
-
-    return impl
-
-
-def _vnni_s8u8():
-    """vpdpbusd with the roles swapped: B (u8 activations) is the unsigned vector operand and
-    A (s8 weights, four consecutive k) the broadcast signed one. Convolutions lowered as
-    W[O, K] @ cols[K, pixels] take this form, so their output comes out in NCHW."""
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "int8", offset_factor=1),
-             B: T.Buffer((16, 4), "uint8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1, scope="local")):
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"),
-                                          16), dtype="int8x64")
-            b = T.reinterpret(B.vload([0, 0], "uint8x64"), dtype="int8x64")
-            C[T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], "int32x16"), b, a, dtype="int32x16")
+                C.vload([0], "int32x16"), unsigned, signed, dtype="int32x16")
 
     return impl
 
@@ -172,8 +157,8 @@ class DotRow:
 
 # First row whose flag the target has and whose dtypes match wins: the fastest exact form.
 DOTS: list[DotRow] = [
-    DotRow("vnni_u8s8", "vnni", ("uint8", "int8"), 16, 4, lambda a, b: _vnni_u8s8()),
-    DotRow("vnni_s8u8", "vnni", ("int8", "uint8"), 16, 4, lambda a, b: _vnni_s8u8()),
+    DotRow("vnni_u8s8", "vnni", ("uint8", "int8"), 16, 4, _vnni),
+    DotRow("vnni_s8u8", "vnni", ("int8", "uint8"), 16, 4, _vnni),
     DotRow("vnni_i16", "vnni", None, 16, 2, lambda a, b: _i16_pairs(16, b, vnni=True)),
     DotRow("avx2_i16", "avx2", None, 8, 2, lambda a, b: _i16_pairs(8, b, vnni=False)),
     DotRow("neon_usdot", "i8mm", ("uint8", "int8"), 4, 4,
