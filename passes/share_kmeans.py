@@ -41,3 +41,30 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 1000) -> tuple[torch.Te
         c = new
     idx = torch.bucketize(flat, (c[1:] + c[:-1]) / 2)
     return c.to(torch.float32), idx.reshape(values.shape)
+
+
+def kmeans_rows(values: torch.Tensor, k: int, iters: int = 1000) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """kmeans_1d on every row of values [R, n] at once: (centroids f32 [R, k], ascending per
+    row; indices int64 [R, n]). Same start (quantiles) and Lloyd steps as kmeans_1d, batched:
+    a row's runs are found by a batched searchsorted, their sums from per-row prefix sums.
+    A row with fewer than k distinct values ends with repeated or unused centroids."""
+    v = values.detach().to(torch.float64)
+    rows, n = v.shape
+    s, _ = torch.sort(v, 1)
+    zero = torch.zeros(rows, 1, dtype=torch.float64)
+    prefix = torch.cat([zero, torch.cumsum(s, 1)], 1)
+    c = torch.quantile(s, (torch.arange(k, dtype=torch.float64) + 0.5) / k, dim=1).T
+    c = c.contiguous()
+    last = torch.full((rows, 1), n)
+    for _ in range(iters):
+        bounds = torch.searchsorted(s, ((c[:, 1:] + c[:, :-1]) / 2).contiguous())
+        start, end = torch.cat([zero.long(), bounds], 1), torch.cat([bounds, last], 1)
+        count = end - start
+        mean = (prefix.gather(1, end) - prefix.gather(1, start)) / count.clamp(min=1)
+        new = torch.where(count > 0, mean, c)  # an empty run keeps its centroid
+        if torch.equal(new, c):
+            break
+        c = new
+    idx = torch.searchsorted(((c[:, 1:] + c[:, :-1]) / 2).contiguous(), v)  # = bucketize
+    return c.to(torch.float32), idx

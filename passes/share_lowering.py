@@ -54,8 +54,10 @@ def gather_form(node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     return node.args[0], node.args[2] if len(node.args) > 2 else None
 
 
-def choose_lowering(g, chosen, lowering: str, target: str) -> dict[str, tuple[str, str]]:
-    """Layer node name -> (mode, reason)."""
+def choose_lowering(g, chosen, lowering: str, target: str,
+                    groups: dict[str, int] | None = None) -> dict[str, tuple[str, str]]:
+    """Layer node name -> (mode, reason). groups: weight -> its number of codebooks (the
+    per-row kernels index one more table, so they are timed as they will run)."""
     nodes = {n.name: n for n in g.gm.graph.nodes}
     out = {}
     for layer, bits in chosen:
@@ -70,12 +72,13 @@ def choose_lowering(g, chosen, lowering: str, target: str) -> dict[str, tuple[st
         elif lowering != "auto":
             out[layer.node] = (lowering, f"lowering={lowering}")
         else:
-            out[layer.node] = _measured(g, node, bits, target)
+            out[layer.node] = _measured(g, node, bits, target,
+                                        (groups or {}).get(layer.weight, 1))
     return out
 
 
-def _measured(g, node: fx.Node, bits: int, target: str) -> tuple[str, str]:
-    sig = _signature(g, node, bits, target)
+def _measured(g, node: fx.Node, bits: int, target: str, groups: int) -> tuple[str, str]:
+    sig = _signature(g, node, bits, target) + (groups,)
     if sig not in _TIMINGS:
         _TIMINGS[sig] = tuple(_time(sig, mode) for mode in ("decode", "gather"))
     decode, gather = _TIMINGS[sig]
@@ -99,10 +102,11 @@ class _Layer(nn.Module):
 
     def __init__(self, sig: tuple, mode: str):
         super().__init__()
-        op, _, _, shape, has_bias, bits, _ = sig
+        op, _, _, shape, has_bias, bits, _, groups = sig
         self.embedding, self.mode, self.bits, self.shape = "embedding" in op, mode, bits, list(
             shape)
-        self.codebook = nn.Parameter(torch.randn(1 << bits))
+        self.codebook = nn.Parameter(torch.randn(groups, 1 << bits) if groups > 1
+                                     else torch.randn(1 << bits))
         self.register_buffer("packed", pack(torch.randint(0, 1 << bits, shape), bits))
         self.bias = nn.Parameter(torch.randn(shape[0])) if has_bias else None
 
@@ -120,7 +124,7 @@ class _Layer(nn.Module):
 def _time(sig: tuple, mode: str) -> float:
     import graphc
 
-    _, xshape, xdtype, shape, _, _, target = sig
+    _, xshape, xdtype, shape, _, _, target, _ = sig
     if "int" in xdtype:
         x = torch.randint(0, shape[0], xshape)
     else:

@@ -36,6 +36,7 @@ class SharePolicy:
     exclude: tuple[str, ...] = ()
     shared: bool = False
     overrides: tuple[tuple[str, int | None], ...] = ()  # (pattern, bits or None); first wins
+    rows_per_codebook: int = 0  # 0: one codebook per weight; r: one per r rows of it
 
     def bits_for(self, layer: Layer, size: int) -> int | None:
         """The layer's bit width, or None when the policy leaves it float."""
@@ -65,6 +66,13 @@ def check_policy(policy: SharePolicy) -> None:
                         f"{unknown}; choose from {list(OP_CLASSES)}")
     if policy.min_size < 0:
         raise PassError(f"pass '{PASS}': min_size={policy.min_size} must be >= 0")
+    r = policy.rows_per_codebook
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise PassError(f"pass '{PASS}': rows_per_codebook={r!r} must be an int >= 0 (0: one "
+                        "codebook per weight, 1: one per row)")
+    if r and policy.shared:
+        raise PassError(f"pass '{PASS}': rows_per_codebook={r} and shared=True contradict "
+                        "each other (shared: one codebook across layers); choose one")
 
 
 def weight_layers(g: Graph) -> list[tuple[Layer, int]]:

@@ -20,6 +20,12 @@ Lowering per layer (passes/share_lowering.py): `decode` rebuilds the dense weigh
 the first call; `gather` reads the codebook inside the layer's kernel on every call
 (linears in nn.Linear's [out, in] layout and embeddings); `auto` times both on `target`.
 The choice and its reason are in graph.meta["share-weights"]["layers"].
+
+Granularity and indices (passes/share_cluster.py): `rows_per_codebook=0` clusters the whole
+weight into one codebook; `rows_per_codebook=r` gives every r rows (output channels) their
+own codebook, a [G, 2^bits] parameter. `assign="data-aware"` picks the indices of linear and
+conv weights against their inputs' second moments on calibration data (passes/share_assign.py,
+GPTQ with a codebook) instead of the nearest centroid.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ from typing import Literal
 import torch
 from torch import fx
 
+from graphc.calibrate import as_batches
+from graphc.errors import PassError
 from graphc.ir import Graph, fetch_attr
 from graphc.ops_codebook import pack, packed_length
 from graphc.pass_manager import register_pass
 from graphc.passes.cleanup import dead_code_elimination
+from graphc.passes.share_cluster import codebooks, input_moments
 from graphc.passes.share_kmeans import kmeans_1d
 from graphc.passes.share_lowering import choose_lowering, gather_form
 from graphc.passes.share_policy import OP_CLASSES, SharePolicy, plan
@@ -49,24 +58,37 @@ def share_weights(graph: Graph, *, bits: int = 4, ops: tuple[str, ...] = OP_CLAS
                   min_size: int = 1024, include: tuple[str, ...] = (),
                   exclude: tuple[str, ...] = (), shared: bool = False,
                   lowering: Literal["auto", "decode", "gather"] = "auto",
-                  target: str = "cpu", policy: SharePolicy | None = None) -> Graph:
+                  target: str = "cpu", policy: SharePolicy | None = None,
+                  rows_per_codebook: int = 0,
+                  assign: Literal["nearest", "data-aware"] = "nearest",
+                  calibration: list | None = None) -> Graph:
     """float linear/conv/embedding weights -> k-means codebook + b-bit packed indices.
 
     bits: 2..8 (2^bits centroids). ops / min_size / include / exclude: which layers.
-    shared: one codebook for all selected weights of a bit width. lowering: decode (dense
+    shared: one codebook for all selected weights of a bit width. rows_per_codebook: 0 (one
+    codebook per weight) or r (one per r rows). assign: nearest centroid, or data-aware
+    (output error on the calibration data; linears and convs). lowering: decode (dense
     weight rebuilt once at the first call), gather (codebook read inside the kernel), or
     auto (both timed on `target`, the faster kept). policy: a SharePolicy (Python only),
-    replacing the selection options.
+    replacing the selection options. calibration: input batches (Python API), else
+    graph.meta["calibration"], else the example inputs.
     """
     policy = policy or SharePolicy(bits, tuple(ops), min_size, tuple(include), tuple(exclude),
-                                   shared)
+                                   shared, rows_per_codebook=rows_per_codebook)
+    _check_assign(assign, policy)
     chosen = plan(graph, policy)
     if not chosen:
         return graph
     g = graph.copy()
     weights = _weights_bits(chosen)
-    books = _cluster(g, weights, policy.shared)
-    modes = choose_lowering(g, chosen, lowering, target)
+    moments = {}
+    if assign == "data-aware":
+        once = [w for w in weights if sum(lay.weight == w for lay, _ in chosen) == 1]
+        moments = input_moments(graph, once, as_batches(
+            graph, calibration if calibration is not None else graph.meta.get("calibration")))
+    books = _cluster(g, weights, policy, moments)
+    modes = choose_lowering(g, chosen, lowering, target,
+                            {w: b.groups for w, b in books.items()})
     report = []
     for layer, _ in chosen:
         mode, reason = modes[layer.node]
@@ -97,28 +119,57 @@ class Book:
         self.weight, self.codebook, self.bits = weight, codebook, bits
         self.shape = list(indices.shape)
         dense = fetch_attr(g.gm, weight).detach()
-        approx = fetch_attr(g.gm, codebook).detach()[indices]
+        cb = fetch_attr(g.gm, codebook).detach()
+        self.groups = 1 if cb.dim() == 1 else cb.shape[0]
+        approx = _dense(cb, indices)
         self.rel_error = float((approx - dense).norm() / dense.norm().clamp(min=1e-30))
         self.packed = add_weight(g, f"{weight}_packed", pack(indices, bits), trainable=False)
 
 
-def _cluster(g: Graph, weights: dict[str, int], shared: bool) -> dict[str, Book]:
-    """k-means per weight, or once over all weights of one bit width (shared)."""
+def _check_assign(assign: str, policy: SharePolicy) -> None:
+    if assign not in ("nearest", "data-aware"):
+        raise PassError(f"pass 'share-weights': assign={assign!r} is unknown; choose "
+                        "'nearest' (k-means) or 'data-aware' (output error on calibration data)")
+    if assign == "data-aware" and policy.shared:
+        raise PassError("pass 'share-weights': assign='data-aware' picks indices per layer; "
+                        "it does not combine with shared=True")
+
+
+def _cluster(g: Graph, weights: dict[str, int], policy: SharePolicy,
+             moments: dict[str, torch.Tensor]) -> dict[str, Book]:
+    """k-means per weight (or per group of its rows), or once over all weights of one bit
+    width (shared)."""
+    if not policy.shared:
+        return {w: _own_book(g, w, bits, policy.rows_per_codebook, moments.get(w))
+                for w, bits in weights.items()}
     books = {}
-    groups = [[w] for w in weights] if not shared else [
+    groups = [
         [w for w in weights if weights[w] == b] for b in sorted(set(weights.values()))]
     for names in groups:
         bits = weights[names[0]]
         values = [fetch_attr(g.gm, w).detach().reshape(-1) for w in names]
         centroids, idx = kmeans_1d(torch.cat(values), 1 << bits)
-        stem = names[0] if len(names) == 1 else f"shared{bits}"
-        cb = add_weight(g, f"{stem}_codebook", centroids, trainable=True)
+        cb = add_weight(g, f"shared{bits}_codebook", centroids, trainable=True)
         start = 0
         for w, v in zip(names, values):
             shape = fetch_attr(g.gm, w).shape
             books[w] = Book(g, w, cb, idx[start:start + v.numel()].reshape(shape), bits)
             start += v.numel()
     return books
+
+
+def _own_book(g: Graph, weight: str, bits: int, rows_per_codebook: int, h) -> Book:
+    centroids, idx = codebooks(fetch_attr(g.gm, weight).detach(), bits, rows_per_codebook, h)
+    cb = add_weight(g, f"{weight}_codebook", centroids, trainable=True)
+    return Book(g, weight, cb, idx, bits)
+
+
+def _dense(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    if codebook.dim() == 1:
+        return codebook[indices]
+    per = -(-indices.shape[0] // codebook.shape[0])
+    rows = torch.arange(indices.shape[0]) // per
+    return codebook[rows.reshape(-1, *[1] * (indices.dim() - 1)), indices]
 
 
 def _node(g: Graph, name: str) -> fx.Node:
@@ -171,17 +222,20 @@ def _decode_remaining(g: Graph, weight: str, book: Book) -> None:
 def _row(g: Graph, layer, book: Book, mode: str, reason: str) -> dict:
     n = int(torch.tensor(book.shape).prod())
     return {"layer": layer.node, "op": layer.op, "class": layer.kind, "weight": layer.weight,
-            "bits": book.bits, "params": n, "rel_error": book.rel_error, "lowering": mode,
+            "bits": book.bits, "codebooks": book.groups, "params": n,
+            "rel_error": book.rel_error, "lowering": mode,
             "reason": reason}
 
 
 def _summary(rows: list[dict], books: dict[str, Book], policy: SharePolicy) -> dict:
     fp32 = sum(4 * r for r in {b.weight: _numel(b) for b in books.values()}.values())
-    codebooks = {b.codebook: 1 << b.bits for b in books.values()}
+    codebooks = {b.codebook: b.groups << b.bits for b in books.values()}
     packed = sum(packed_length(_numel(b), b.bits) for b in books.values())
-    return {"layers": rows, "shared": policy.shared, "weight_bytes_fp32": fp32,
+    return {"layers": rows, "shared": policy.shared,
+            "rows_per_codebook": policy.rows_per_codebook, "weight_bytes_fp32": fp32,
             "weight_bytes_shared": packed + 4 * sum(codebooks.values()),
-            "codebooks": len(codebooks)}
+            "codebook_bytes": 4 * sum(codebooks.values()),
+            "codebooks": sum(b.groups for b in {b.codebook: b for b in books.values()}.values())}
 
 
 def _numel(book: Book) -> int:

@@ -24,6 +24,10 @@ gather (graphc::codebook_linear, graphc::codebook_embedding): no dense weight ex
     all. The linear kernel decodes a [KT, NT] tile of W into a per-thread buffer, then
     multiplies every row of x by it (tile decoded once per call, reused across rows); the
     embedding decodes only the rows looked up.
+
+Per-row codebooks (a [G, 2^bits] codebook, see graphc/ops_codebook.py) are flattened to
+[G * 2^bits] in Relax; the kernels add (row // rows per codebook) * 2^bits to the field,
+so one kernel body serves both layouts (G = 1: the offset is 0).
 """
 
 from __future__ import annotations
@@ -48,6 +52,14 @@ def _args(node, importer) -> list:
     return [importer.env[a] if hasattr(a, "op") else a for a in node.args]
 
 
+def _flat_codebook(codebook, importer):
+    """(codebook as [G * 2^bits], G) for a [2^bits] or [G, 2^bits] codebook."""
+    shape = [int(d) for d in codebook.ty.shape]
+    if len(shape) == 1:
+        return codebook, 1
+    return importer.block_builder.emit(op.reshape(codebook, [shape[0] * shape[1]])), shape[0]
+
+
 def _index(p, bits: int, pos):
     """The bits-wide field at element position `pos` (int64) of the packed stream p."""
     start = pos * bits
@@ -57,13 +69,14 @@ def _index(p, bits: int, pos):
 
 
 # ---- decode once ------------------------------------------------------------------------
-def _decode_prim(bits: int, n: int, p_len: int) -> tirx.PrimFunc:
-    """decode(p u8[p_len], c f32[2^bits], flag i32[2], out f32[n]): out = c[fields], then
-    flag[0] = 1. One kernel per (bits, n): weights of one size share it."""
+def _decode_prim(bits: int, n: int, p_len: int, groups: int, span: int) -> tirx.PrimFunc:
+    """decode(p u8[p_len], c f32[groups * 2^bits], flag i32[2], out f32[n]): out = c[fields]
+    (element i reads codebook i // span), then flag[0] = 1. One kernel per (bits, n,
+    groups, span): weights of one size and layout share it."""
     size = 1 << bits
 
     @T.prim_func(private=True, check_well_formed=False)
-    def decode(p: T.Buffer((p_len,), "uint8"), c: T.Buffer((size,), "float32"),
+    def decode(p: T.Buffer((p_len,), "uint8"), c: T.Buffer((groups * size,), "float32"),
                flag: T.Buffer((2,), "int32"), out: T.Buffer((n,), "float32")):
         # scheduled here: the default rules would not expect the flag's second block
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
@@ -76,17 +89,20 @@ def _decode_prim(bits: int, n: int, p_len: int) -> tirx.PrimFunc:
                     hi = T.Cast("int32", p[T.shift_right(start, T.int64(3)) + T.int64(1)])
                     field = T.shift_right(T.bitwise_or(lo, T.shift_left(hi, 8)),
                                           T.Cast("int32", start % T.int64(8)))
-                    out[vi] = c[T.bitwise_and(field, size - 1)]
+                    out[vi] = c[vi // span * size + T.bitwise_and(field, size - 1)]
             with T.sblock("mark"):
                 flag[0] = 1
 
     return decode
 
 
-def _decode_gv(importer, bits: int, n: int, p_len: int) -> relax.GlobalVar:
-    key = ("codebook-decode-prim", bits, n)
+def _decode_gv(importer, bits: int, shape, p_len: int, groups: int) -> relax.GlobalVar:
+    n = math.prod(shape)
+    span = -(-shape[0] // groups) * (n // shape[0])  # elements per codebook
+    key = ("codebook-decode-prim", bits, n, groups, span)
     if key not in importer.memo:
-        importer.memo[key] = importer.block_builder.add_func(_decode_prim(bits, n, p_len),
+        prim = _decode_prim(bits, n, p_len, groups, span)
+        importer.memo[key] = importer.block_builder.add_func(prim,
                                                              f"codebook_decode{bits}")
     return importer.memo[key]
 
@@ -126,11 +142,13 @@ def _decode_once_func(prim: relax.GlobalVar, key: str, n: int, p_len: int, size:
 @register_lowering("graphc::codebook_decode")
 def _codebook_decode(node, importer):
     codebook, packed, bits, shape = _args(node, importer)
+    codebook, groups = _flat_codebook(codebook, importer)
     n, size = math.prod(shape), 1 << bits
     key = cache_key()
     bb = importer.block_builder
     p_len = int(packed.ty.shape[0])
-    func = _decode_once_func(_decode_gv(importer, bits, n, p_len), key, n, p_len, size)
+    prim = _decode_gv(importer, bits, shape, p_len, groups)
+    func = _decode_once_func(prim, key, n, p_len, groups * size)
     gv = bb.add_func(func, f"codebook_decode_once_{node.name}")
     # this executable's "decoded yet?" word, and a number no other flag has: the VM may
     # store equal constants once, and two layers must not share one flag
@@ -144,13 +162,14 @@ def _divisor(n: int, choices: tuple[int, ...]) -> int:
     return next((c for c in choices if n % c == 0), 1)
 
 
-def _linear_te(m: int, k: int, n: int, bits: int, p_len: int, bias: bool):
+def _linear_te(m: int, k: int, n: int, bits: int, p_len: int, bias: bool, groups: int):
     x = te.placeholder((m, k), "float32", "x")
-    c = te.placeholder((1 << bits,), "float32", "codebook")
+    c = te.placeholder((groups << bits,), "float32", "codebook")
     p = te.placeholder((p_len,), "uint8", "packed")
+    per = -(-n // groups)  # rows of W per codebook
     # W[r, j] is element (j, r) of the [n, k] index tensor (nn.Linear's layout)
-    w = te.compute((k, n), lambda i, j: c[_index(p, bits, (j * k + i).astype("int64"))],
-                   name="W")
+    w = te.compute((k, n), lambda i, j: c[(j // per) * (1 << bits) + _index(
+        p, bits, (j * k + i).astype("int64"))], name="W")
     r = te.reduce_axis((0, k), "r")
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="Y")
     args = [x, c, p]
@@ -161,10 +180,11 @@ def _linear_te(m: int, k: int, n: int, bits: int, p_len: int, bias: bool):
     return te.create_prim_func([*args, y]), bias
 
 
-def linear_kernel(m: int, k: int, n: int, bits: int, p_len: int, bias: bool) -> tirx.PrimFunc:
+def linear_kernel(m: int, k: int, n: int, bits: int, p_len: int, bias: bool,
+                  groups: int = 1) -> tirx.PrimFunc:
     """x [m, k] @ W.T (+ bias), W [n, k] decoded a [KT, NT] tile at a time into a buffer that
     lives inside the parallel loop (one per thread), reused by all m rows of x."""
-    func, _ = _linear_te(m, k, n, bits, p_len, bias)
+    func, _ = _linear_te(m, k, n, bits, p_len, bias, groups)
     sch = s_tir.Schedule(func)
     w, y = sch.get_sblock("W"), sch.get_sblock("Y")
     nt, kt, mt = _divisor(n, (64, 32, 16, 8)), _divisor(k, (64, 32, 16, 8)), _divisor(
@@ -190,12 +210,14 @@ def linear_kernel(m: int, k: int, n: int, bits: int, p_len: int, bias: bool) -> 
 @register_lowering("graphc::codebook_linear")
 def _codebook_linear(node, importer):
     x, codebook, packed, bits, shape, bias = _args(node, importer)
+    codebook, groups = _flat_codebook(codebook, importer)
     n, k = shape
     lead = [int(d) for d in x.ty.shape][:-1]
     rows = math.prod(lead)
     bb = importer.block_builder
     x2 = bb.emit(op.reshape(x, [rows, k])) if x.ty.ndim != 2 else x
-    kernel = linear_kernel(rows, k, n, bits, int(packed.ty.shape[0]), bias is not None)
+    kernel = linear_kernel(rows, k, n, bits, int(packed.ty.shape[0]), bias is not None,
+                           groups)
     gv = bb.add_func(kernel, f"codebook_linear_{node.name}")
     args = [x2, codebook, packed] + ([bias] if bias is not None else [])
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((rows, n), "float32")))
@@ -206,12 +228,17 @@ def _codebook_linear(node, importer):
 @register_lowering("graphc::codebook_embedding")
 def _codebook_embedding(node, importer):
     codebook, packed, bits, shape, indices = _args(node, importer)
-    dim = shape[1]
+    codebook, groups = _flat_codebook(codebook, importer)
+    dim, per = shape[1], -(-shape[0] // groups)
 
     def rows(c, p, idx):
         flat = [int(s) for s in idx.shape]
-        return te.compute((*flat, dim), lambda *ij: c[_index(
-            p, bits, idx[ij[:-1]].astype("int64") * dim + ij[-1])], name="rows")
+
+        def value(*ij):
+            row = idx[ij[:-1]].astype("int64")
+            return c[row // per * (1 << bits) + _index(p, bits, row * dim + ij[-1])]
+
+        return te.compute((*flat, dim), value, name="rows")
 
     return importer.block_builder.emit_te(rows, codebook, packed, indices,
                                           primfunc_name_hint="codebook_embedding")

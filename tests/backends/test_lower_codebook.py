@@ -18,10 +18,13 @@ Q = torch.ops.graphc
 class Codebooked(nn.Module):
     """All three ops at an odd bit width and sizes whose bit count is not a multiple of 8."""
 
-    def __init__(self, bits: int, n: int = 96, k: int = 75, vocab: int = 37, dim: int = 19):
+    def __init__(self, bits: int, groups: int = 0, n: int = 96, k: int = 75, vocab: int = 37,
+                 dim: int = 19):
         super().__init__()
         self.bits, self.sizes = bits, ([n, k], [vocab, dim])
-        self.codebook = nn.Parameter(torch.randn(1 << bits))
+        # groups > 0: [groups, 2^bits], rows split unevenly (96 = 4 x 20 + 16, 37 = 4 x 8 + 5)
+        self.codebook = nn.Parameter(torch.randn(groups, 1 << bits) if groups
+                                     else torch.randn(1 << bits))
         self.register_buffer("w", pack(torch.randint(0, 1 << bits, (n, k)), bits))
         self.register_buffer("e", pack(torch.randint(0, 1 << bits, (vocab, dim)), bits))
         self.bias = nn.Parameter(torch.randn(n))
@@ -40,9 +43,9 @@ def _size(cm) -> int:
         return os.path.getsize(f"{d}/m.graphc")
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_tvm_matches_pytorch_before_and_after_the_first_call_and_after_load(bits):
-    m = Codebooked(bits).eval()
+@pytest.mark.parametrize("bits, groups", [(3, 0), (4, 0), (3, 5)])
+def test_tvm_matches_pytorch_before_and_after_the_first_call_and_after_load(bits, groups):
+    m = Codebooked(bits, groups).eval()
     x, idx = torch.randn(3, 5, 75), torch.randint(0, 37, (4, 6))
     cm = graphc.compile(m, (x, idx), target="cpu")
     with torch.no_grad():
