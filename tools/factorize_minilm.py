@@ -51,6 +51,23 @@ def doc_sentences(exclude: set[str], n: int) -> list[str]:
     return list(seen)[:n]
 
 
+def pydoc_sentences(exclude: set[str], n: int) -> list[str]:
+    """n sentences of the Python documentation (pydoc_data.topics, the evaluation text's
+    source) that are not evaluation sentences: those real_sentences' filter rejects (code,
+    digits, brackets, other lengths) and the ones past its first 200. In-domain text."""
+    from pydoc_data.topics import topics
+
+    seen: dict[str, None] = {}
+    for key in sorted(topics):
+        text = re.sub(r"\s+", " ", topics[key])
+        for s in re.split(r"(?<=[a-z]\.) (?=[A-Z])", text):
+            if 5 <= len(s.split()) <= 60 and s not in exclude:
+                seen.setdefault(s)
+    if len(seen) < n:
+        raise SystemExit(f"only {len(seen)} pydoc sentences, {n} asked")
+    return list(seen)[:n]
+
+
 def batches(sentences: list[str]) -> list[tuple]:
     ids, mask = tokenize(sentences, SEQ)
     return [(ids[i:i + BATCH], mask[i:i + BATCH]) for i in range(0, len(sentences), BATCH)]
@@ -80,15 +97,23 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--factors-only", action="store_true", help="train only the factors")
     ap.add_argument("--train", type=int, default=400)
+    ap.add_argument("--data", choices=["docstrings", "pydoc"], default="docstrings",
+                    help="distillation/calibration text: stdlib docstrings, or pydoc sentences "
+                         "that are not evaluation sentences (in-domain)")
+    ap.add_argument("--multiple", type=int, default=8, help="ranks are multiples of this")
+    ap.add_argument("--calib", type=int, default=16, help="calibration batches")
     ap.add_argument("--ratio", type=float, default=0.75)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--layer-rows", default=f"{BATCH * SEQ},128",
+                    help="row counts at which single layers are timed")
     ap.add_argument("--methods", default="svd,data-aware")
     ap.add_argument("--features", action="store_true",
                     help="also match every factorized layer's output to the teacher's")
     args = ap.parse_args()
     evals = real_sentences(200)
-    train = batches(doc_sentences(set(evals), args.train))
+    source = pydoc_sentences if args.data == "pydoc" else doc_sentences
+    train = batches(source(set(evals), args.train))
     test = batches(evals)
     enc = encoder()
     g = graphc.trace(enc, test[0])
@@ -98,7 +123,7 @@ def main() -> None:
     for method in args.methods.split(","):
         t0 = time.perf_counter()
         f = factorize(g, method=method, ratio=args.ratio, include=FFN, exclude=EXCLUDE,
-                      calibration=train[:16])
+                      calibration=train[:args.calib], multiple=args.multiple)
         rep = f.meta["factorize"]
         print(format_factor_report(rep))
         before = cosine(f, ref, test)
@@ -115,7 +140,7 @@ def main() -> None:
                            features=[r["layer"] for r in rep["layers"]] if args.features
                            else None)
         after = cosine(r.student, ref, test)
-        print(f"{method}: distilled {args.epochs} epoch(s) on {args.train} docstring sentences "
+        print(f"{method}: distilled {args.epochs} epoch(s) on {args.train} {args.data} sentences "
               f"in {time.perf_counter() - t0:.0f} s (loss {r.curve['loss'][0]:.4f} -> "
               f"{r.curve['loss'][-1]:.4f}); mean cosine after {after:.4f}", flush=True)
         results[method] = (f, r.student, rep)
@@ -128,7 +153,7 @@ def main() -> None:
     shapes = sorted({(r["params_before"], r["rank"]) for r in rep["layers"]})
     for layer in rep["layers"]:
         print(f"  {layer['layer']}: rank {layer['rank']}")
-    for rows in (BATCH * SEQ, 128):
+    for rows in (int(r) for r in args.layer_rows.split(",")):
         for d_in, d_out in ((384, 1536), (1536, 384)):
             for rank in sorted({r for p, r in shapes}):
                 d, fct = layer_latency(rows, d_in, d_out, rank, args.repeat)
