@@ -20,12 +20,16 @@ LANES = 16  # a byte vector of 16: one xmm; rows of ResNet/MobileNet convs are 7
 
 
 def emit_im2col(bb: relax.BlockBuilder, x: relax.Expr, kh: int, kw: int, stride, dilation,
-                oh: int, ow: int) -> relax.Expr:
-    """Add the im2col kernel for `x` to the module being built; the [n, K, oh*ow] result."""
+                oh: int, ow: int, target=None) -> relax.Expr:
+    """Add the im2col kernel for `x` to the module being built; the [n, K, oh*ow] result.
+    Scheduled here for CPUs (target None or LLVM); on other targets it stays unscheduled, for
+    that target's own rules (CUDA: dlight's Fallback binds it to GPU threads)."""
     shape = [int(d) for d in x.ty.shape]
     n, c = shape[0], shape[1]
-    func = _schedule(_compute(shape, x.ty.dtype, kh, kw, stride, dilation, oh, ow))
-    gv = bb.add_func(func, "im2col")
+    func = _compute(shape, x.ty.dtype, kh, kw, stride, dilation, oh, ow)
+    if target is None or target.kind.name == "llvm":
+        func = _schedule(func)
+    gv = bb.add_func(func.with_attr("op_pattern", OPAQUE), "im2col")
     cols = bb.emit(relax.call_tir(gv, [x], relax.TensorType([n, c, kh, kw, oh, ow],
                                                              x.ty.dtype)))
     return relax.op.reshape(cols, [n, c * kh * kw, oh * ow])
@@ -50,5 +54,4 @@ def _schedule(func):
     if width and width > 1:
         _, vec = sch.split(xx, [None, min(LANES, width)])
         sch.vectorize(vec)
-    return (sch.mod["main"].with_attr("tirx.is_scheduled", True)
-            .with_attr("op_pattern", OPAQUE))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -172,7 +172,7 @@ def _qconv2d_as_matmul(node, importer, x, xs, xz, w, ws, wsum, bias, stride, dil
         cols = _emit(importer, op.reshape(x, [b, c, h * wd]))
     else:
         cols = _emit(importer, emit_im2col(importer.block_builder, x, kh, kw, stride,
-                                           dilation, oh, ow))
+                                           dilation, oh, ow, importer.target))
     weights = _emit(importer, op.reshape(w, [o, c * kh * kw]))
     if b == 1:  # a plain 2-D matmul; batches broadcast the weights over images
         cols = _emit(importer, op.reshape(cols, [c * kh * kw, oh * ow]))

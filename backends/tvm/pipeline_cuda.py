@@ -11,12 +11,9 @@ pipeline.py picks this module's lists for targets of kind "cuda" (its PHASES tab
 
 from __future__ import annotations
 
-import re
-
 import tvm
-from tvm import relax, s_tir
+from tvm import relax
 from tvm.s_tir import dlight
-from tvm.s_tir.dlight.analysis import get_root_block
 
 from graphc.errors import BackendError
 
@@ -65,50 +62,11 @@ def optimize_passes(target: tvm.target.Target, options: dict | None = None) -> l
 
 def schedule_passes(target: tvm.target.Target, tuning=None, report=None) -> list:
     """Every kernel gets a GPU schedule: Fallback takes whatever the others decline (a kernel
-    without thread binding would run on the host CPU, on GPU pointers).
+    without thread binding would run on the host CPU, on GPU pointers). Lowering rules leave
+    their kernels unscheduled for non-CPU targets (im2col.py), so this list sees them all.
     tuning / report: pipeline.py's signature; the CUDA search is refused before this."""
-    return [rebind_cpu_kernels(), dlight.ApplyDefaultSchedule(*(r() for r in GPU_RULES))]
+    return [dlight.ApplyDefaultSchedule(*(r() for r in GPU_RULES))]
 
-
-# CPU-only loop kinds in TVMScript, and the attribute that makes dlight skip a kernel
-CPU_LOOPS = re.compile(r"\bT\.(parallel|vectorized)\(")
-SCHEDULED = "tirx.is_scheduled"
-THREADS = 256  # per block for the rebound copies: memory-bound, any multiple of 32 does
-
-
-def rebind_cpu_kernels() -> tvm.transform.Pass:
-    """Kernels that a lowering rule scheduled for CPUs while importing (im2col.py's parallel,
-    vectorized copy) are re-bound to GPU threads: dlight leaves kernels marked scheduled alone,
-    and its Fallback cannot read their split loops back. They are copies (all-spatial): the
-    loops are made serial, fused into one and split over blocks of THREADS threads."""
-
-    @tvm.transform.module_pass(opt_level=0, name="graphc.RebindCPUKernels")
-    def step(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, tvm.tirx.PrimFunc) and _cpu_scheduled(func):
-                mod[gv] = _bind_threads(func)
-        return mod
-
-    return step
-
-
-def _cpu_scheduled(func: tvm.tirx.PrimFunc) -> bool:
-    return (func.attrs is not None and bool(func.attrs.get(SCHEDULED, False))
-            and CPU_LOOPS.search(func.script()) is not None)
-
-
-def _bind_threads(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    serial = tvm.script.from_source(CPU_LOOPS.sub("T.serial(", func.script()))
-    sch = s_tir.Schedule(serial)
-    for block in sch.get_child_blocks(get_root_block(sch)):
-        fused = sch.fuse(*sch.get_loops(block))
-        bx, tx = sch.split(fused, [None, THREADS])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-    bound = sch.mod["main"]
-    for key, value in func.attrs.items():  # op_pattern, noalias, is_scheduled
-        bound = bound.with_attr(key, value)
-    return bound
 
 def build_passes(target: tvm.target.Target) -> list:
     """TVM's CUDA dataflow-lower and finalize lists (relax/backend/cuda/pipeline.py)."""

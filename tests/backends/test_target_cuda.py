@@ -86,8 +86,9 @@ def test_int8_folded_model_builds_integer_matmuls():
 
 
 def test_int8_conv_copies_scheduled_for_cpus_run_on_gpu_threads():
-    """qconv2d's im2col kernel arrives scheduled for CPUs (parallel, vectorized); on CUDA it
-    must become a GPU kernel, or it would run on the host over device pointers."""
+    """qconv2d's im2col kernel, which the lowering schedules itself for CPUs (parallel,
+    vectorized), must be a GPU kernel on CUDA, or it would run on the host over device
+    pointers."""
     model, (x,) = build("conv_bn_residual")
     g, _ = graphc.pipeline.run_pipeline(graphc.trace(model, (x,)), "fold-batchnorm")
     f = fold_fake_quant(graphc.quantize(g, calibration=[(torch.randn_like(x),)]))
