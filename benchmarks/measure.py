@@ -36,7 +36,7 @@ class Variant:
     prepare: dict = field(default_factory=dict)  # seconds / peak RSS of export or compile
     note: str = ""
     samples_ms: list[float] = field(default_factory=list)
-    first_ms: list[float] = field(default_factory=list)  # each visit's first, untimed call
+    first_ms: list[float] = field(default_factory=list)  # each visit's first (warm-up) call
     max_rel_err: float | None = None
     run: Callable[[tuple], list[np.ndarray]] | None = None  # inference on other inputs
     artifact_bytes: int | None = None  # the deployable file: .onnx, or the .graphc zip

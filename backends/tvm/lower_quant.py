@@ -160,8 +160,7 @@ def _qconv2d(node, importer):
 def _qconv2d_as_matmul(node, importer, x, xs, xz, w, ws, wsum, bias, stride, dilation):
     """W[O, C*kh*kw] @ cols[C*kh*kw, OH*OW] per image: the int8 matmul rule's dot-product
     kernel (vpdpbusd, sdot) with the output already in NCHW order. cols is x itself for a
-    1x1 stride-1 conv, else an im2col copy (uint8) that FuseOps merges into the kernel that
-    quantized and zero-padded x."""
+    1x1 stride-1 conv, else a uint8 im2col copy of x in a kernel of its own (im2col.py)."""
     b, c, h, wd = (int(d) for d in x.ty.shape)
     o, _, kh, kw = (int(d) for d in w.ty.shape)
     oh = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
