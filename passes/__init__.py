@@ -10,6 +10,8 @@ from graphc.passes import (  # noqa: F401  (registers them)
     fold_batchnorm,
     fold_fake_quant,
     fold_pad,
+    prune,
+    prune_masks,
     quantize,
     share_weights,
 )

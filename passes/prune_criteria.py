@@ -89,7 +89,7 @@ def _source(node: fx.Node, axis: int | None, masks: dict) -> tuple[str, int | No
     while node.op != "get_attr":
         if node.op != "call_function":
             return None
-        if node.target is aten.mul.Tensor and _is_mask_mul(node, masks):
+        if node.target is aten.mul.Tensor and is_mask_mul(node, masks):
             node = node.args[0]
             continue
         if len(node.all_input_nodes) != 1:
@@ -105,7 +105,7 @@ def _source(node: fx.Node, axis: int | None, masks: dict) -> tuple[str, int | No
     return str(node.target), axis
 
 
-def _is_mask_mul(node: fx.Node, masks: dict) -> bool:
+def is_mask_mul(node: fx.Node, masks: dict) -> bool:
     w, m = node.args[0], node.args[1]
     return (isinstance(w, fx.Node) and isinstance(m, fx.Node) and w.op == "get_attr"
             and m.op == "get_attr" and masks.get(str(w.target)) == str(m.target))
@@ -154,7 +154,7 @@ def _taylor(graph, pws, eff, data, loss) -> dict[str, torch.Tensor]:
     params = {pw.name: torch.nn.Parameter(fetch_attr(graph.gm, pw.name).detach().clone())
               for pw in pws}
     for name, p in params.items():
-        _set_attr(g.gm, name, p)
+        set_attr(g.gm, name, p)
     acc = {k: torch.zeros_like(w) for k, w in eff.items()}
     for item in items:
         try:
@@ -180,7 +180,7 @@ def _loss(out, labels, loss) -> torch.Tensor:
     return F.cross_entropy(out, labels)
 
 
-def _set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+def set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
     *path, leaf = target.split(".")
     mod = gm
     for part in path:
