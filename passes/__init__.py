@@ -12,6 +12,7 @@ from graphc.passes import (  # noqa: F401  (registers them)
     fold_pad,
     prune,
     prune_masks,
+    prune_structured,
     quantize,
     share_weights,
 )
