@@ -30,6 +30,7 @@ from graphc.pass_manager import PASSES, parse_pipeline, register_pass
 from graphc.passes.quant_policy import QuantPolicy, QuantScheme
 from graphc.passes.quantize import quantize
 from graphc.pipeline import run_pipeline
+from graphc.prune_iter import prune_iteratively
 from graphc.spec import TensorSpec
 from graphc.verify import verify
 
@@ -61,6 +62,7 @@ __all__ = [
     "load",
     "lower",
     "parse_pipeline",
+    "prune_iteratively",
     "qat",
     "quantize",
     "register_pass",
