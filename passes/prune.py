@@ -10,7 +10,8 @@ weights along the input axis survive: the pattern sparse tensor cores and sparse
 kernels use), or "channels" (whole output channels, delegated to
 passes/prune_structured.py). Importance per entry: passes/prune_criteria.py; masks and
 folding: passes/prune_masks.py; the iterative API with schedules, fine-tuning and
-rewinding: graphc/prune_iter.py. The report is graph.meta["prune"].
+rewinding: graphc/prune_iter.py. The report is graph.meta["prune-unstructured"]
+(prune-channels writes graph.meta["prune"]).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from graphc.passes.prune_criteria import (
 from graphc.passes.prune_masks import NORMALIZERS, apply_masks, global_masks, layer_masks, nm_masks
 
 log = logging.getLogger("graphc")
-REPORT_KEY = "prune"
+REPORT_KEY = "prune-unstructured"  # "prune" is prune-channels' report
 DEFAULT_SPARSITY = 0.8
 
 
@@ -117,9 +118,9 @@ def _channels(graph, sparsity, criterion, scope, include, exclude, calibration) 
     except ImportError as e:
         raise PassError("pass 'prune': structure='channels' needs "
                         "graphc.passes.prune_structured, which this install lacks") from e
-    return prune_channels(graph, sparsity=DEFAULT_SPARSITY if sparsity is None else sparsity,
-                          criterion=criterion, scope=scope, include=include,
-                          exclude=exclude, calibration=calibration)
+    given = {} if sparsity is None else {"sparsity": sparsity}  # else prune-channels' default
+    return prune_channels(graph, criterion=criterion, scope=scope, include=include,
+                          exclude=exclude, calibration=calibration, **given)
 
 
 def _selected(pw: PrunableWeight, include, exclude) -> bool:
@@ -174,7 +175,7 @@ def _graph_nonzero(g: Graph) -> int:
 
 
 def format_prune_report(meta: dict) -> str:
-    """graph.meta["prune"] as lines: one per layer, then the totals."""
+    """graph.meta["prune-unstructured"] as lines: one per layer, then the totals."""
     norm = f", normalize={meta['normalize']}" if meta["normalize"] else ""
     head = (f"prune ({meta['structure']}, {meta['criterion']}, scope={meta['scope']}{norm}, "
             f"target {meta['target']:.3f})")
