@@ -58,7 +58,9 @@ class Group:
     blocked: str | None = None
 
     def matches(self, pattern: str) -> bool:
-        names = self.spaces + [m.weight for m in self.members]
+        """On its layers' node names and their own weights (not the next layer's input)."""
+        names = self.spaces + [m.weight for m in self.members
+                               if m.kind == "weight" and set(m.sites) & set(self.spaces)]
         return any(fnmatch.fnmatchcase(x, pattern) for x in names)
 
 
