@@ -4,6 +4,10 @@ pruned graph gives the same outputs in PyTorch and compiled for this CPU, and ti
 compiled pruned model against the compiled unpruned one (interleaved A/B, medians).
 
     PYTHONPATH=. flock /tmp/graphc-bench.lock python tools/prune_resnet.py [--rounds 15]
+    PYTHONPATH=. flock /tmp/graphc-bench.lock python tools/prune_resnet.py --model digits
+
+--model digits does the same for the sklearn-digits CNN of tests/test_qat.py (batch 40),
+pruned and then distilled 3 epochs against the unpruned graph, and prints both accuracies.
 
 Both graphs get fold-batchnorm after pruning, so the comparison is between the models a user
 deploys. Random weights: this measures speed and numerics, not accuracy.
@@ -36,6 +40,18 @@ def timed(cm, native, calls: int) -> float:
     return statistics.median(samples)
 
 
+def digits(sparsity: float, round_to: int):
+    from tests.test_qat import _accuracy, _train_digits
+
+    g, train, test = _train_digits()
+    p = prune_channels(g, sparsity=sparsity, round_to=round_to)
+    s = graphc.distill(p, g, train, epochs=3, lr=3e-3, progress=False).student
+    s.meta["prune"] = p.meta["prune"]
+    print(f"digits accuracy (360 held-out): unpruned {_accuracy(g, test):.2f}, pruned "
+          f"{_accuracy(p, test):.2f}, pruned + distilled {_accuracy(s, test):.2f}")
+    return g, s, g.example_inputs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsity", type=float, default=0.5)
@@ -43,19 +59,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--groups", action="store_true", help="print the dependency groups")
+    ap.add_argument("--model", choices=["resnet18", "digits"], default="resnet18")
     args = ap.parse_args()
 
-    case = resnet18()
-    g = graphc.trace(case.model, case.inputs, name="resnet18")
+    if args.model == "digits":
+        g, p, x = digits(args.sparsity, args.round_to)
+    else:
+        case = resnet18()
+        g, x = graphc.trace(case.model, case.inputs, name="resnet18"), case.inputs
+        p = prune_channels(g, sparsity=args.sparsity, round_to=args.round_to)
     if args.groups:
         print(format_groups(find_groups(g)))
-    p = prune_channels(g, sparsity=args.sparsity, round_to=args.round_to)
     print(format_prune_report(p.meta["prune"]))
     base, pruned = (graphc.run_pipeline(x, "fold-batchnorm")[0] for x in (g, p))
     cms = {"unpruned": graphc.compile(base, target="cpu"),
            "pruned": graphc.compile(pruned, target="cpu")}
 
-    x = case.inputs
     with torch.no_grad():
         ref = p(*x)[0]
     got = torch.as_tensor(np.asarray(cms["pruned"](*x)))
