@@ -43,7 +43,7 @@ def _trace_onnx(model, inputs, name, input_shapes) -> Graph:
 # Graph.meta entries that passes write as their report (JSON-serializable): they travel
 # into CompiledModel.meta, and so into saved artifacts.
 PASS_REPORTS = ("factorize", "quantize", "share-weights", "dedupe-weights", "prune",
-                "prune-unstructured")
+                "prune-unstructured", "sparsify")
 
 
 def compile(model, inputs=None, *, target="cpu", passes=(), dump_ir=None,

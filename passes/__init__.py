@@ -15,4 +15,5 @@ from graphc.passes import (  # noqa: F401  (registers them)
     prune_structured,
     quantize,
     share_weights,
+    sparsify,
 )
