@@ -1,0 +1,61 @@
+"""Issue 6's MiniLM measurement: remove 25% of the attention heads (12 -> 9 per layer) and
+25% of the feed-forward channels (1536 -> 1152) of the real all-MiniLM-L6-v2 with
+prune-channels, report the embedding cosine to fp32 before and after a short distillation
+on real sentences, and the compiled CPU latency against the unpruned model.
+
+    PYTHONPATH=. flock /tmp/graphc-bench.lock python tools/prune_minilm.py [--epochs 2]
+
+Evaluation: the 200 real sentences of tests/models/minilm.real_sentences. Training: stdlib
+docstring sentences (tools/factorize_minilm.py), none of them evaluation sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import graphc
+from graphc.passes.prune_slice import format_prune_report
+from graphc.passes.prune_structured import prune_channels
+from tests.models.minilm import encoder, real_sentences
+from tools.factorize_minilm import batches, cosine, doc_sentences, latency
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--heads", type=float, default=0.25, help="fraction of heads removed")
+    ap.add_argument("--ffn", type=float, default=0.25, help="fraction of FFN channels removed")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--train", type=int, default=400)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--skip-latency", action="store_true")
+    args = ap.parse_args()
+    evals = real_sentences(200)
+    train, test = batches(doc_sentences(set(evals), args.train)), batches(evals)
+    enc = encoder()
+    g = graphc.trace(enc, test[0])
+    ref = [g(*b)[0].detach() for b in test]
+    t0 = time.perf_counter()
+    h = prune_channels(g, sparsity=args.heads, unit="head")
+    print(format_prune_report(h.meta["prune"]))
+    p = prune_channels(h, sparsity=args.ffn, round_to=8)
+    print(format_prune_report(p.meta["prune"]))
+    before = cosine(p, ref, test)
+    print(f"pruned in {time.perf_counter() - t0:.1f} s; params {g.stats()['params']:,} -> "
+          f"{p.stats()['params']:,}; mean cosine to fp32 over {len(evals)} sentences before "
+          f"distillation {before:.4f}", flush=True)
+    t0 = time.perf_counter()
+    r = graphc.distill(p, g, train, epochs=args.epochs, loss="cosine", lr=args.lr)
+    after = cosine(r.student, ref, test)
+    print(f"distilled {args.epochs} epoch(s) on {args.train} docstring sentences in "
+          f"{time.perf_counter() - t0:.0f} s (loss {r.curve['loss'][0]:.4f} -> "
+          f"{r.curve['loss'][-1]:.4f}); mean cosine after {after:.4f}", flush=True)
+    if not args.skip_latency:
+        dense, pruned = latency(g, args.repeat), latency(r.student, args.repeat)
+        print(f"whole model, batch 8 x seq 64, cpu: {dense:.2f} ms -> {pruned:.2f} ms "
+              f"({pruned / dense:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()
