@@ -76,6 +76,9 @@ def prune(graph: Graph, *, sparsity: float | None = None,
         masks = global_masks(scores, old, target, normalize)
     else:
         masks = layer_masks(scores, old, target)
+    if all(torch.equal(m, old[k]) if old[k] is not None else bool(m.all())
+           for k, m in masks.items()):
+        return graph  # nothing newly pruned (sparsity 0, or already there)
     out = graph.copy()
     apply_masks(out, masks, by_name)
     out.meta[REPORT_KEY] = prune_report(graph, out, pws, target, criterion, scope,

@@ -109,6 +109,9 @@ def test_include_exclude_select_layers():
     assert [r["weight_name"] for r in p.meta[KEY]["layers"]] == ["fc1_weight", "fc2_weight"]
     assert _zeros(_eff(p)["fc3_weight"]) == 0
     assert prune(g, sparsity=0.5, include=["nothing*"]) is g
+    assert prune(g, sparsity=0.0) is g  # nothing pruned: unchanged
+    p = prune(g, sparsity=0.5)
+    assert prune(p, sparsity=0.5) is p and prune(p, sparsity=0.3) is p  # masks only grow
 
 
 # ---- criteria ------------------------------------------------------------------------------
