@@ -1,0 +1,70 @@
+"""ATen ops that TVM 0.27's PyTorch importer converts wrongly or not at all (tests/fuzz).
+
+- aten.select.int with a negative index: TVM emits take(x, index, dim) with the index as
+  given, and take's default mode reads out of bounds for -1 (garbage, up to 1e38, in the
+  output). The index is normalized against the static size first.
+- aten.max_pool2d_with_indices: TVM returns zeros for the indices. Only the values are
+  supported; a graph that reads the indices is refused rather than given zeros.
+- aten.adaptive_max_pool2d: no converter at all. Lowered with topi's adaptive max pool
+  (the same windows as PyTorch's: start floor(i * H / oh), end ceil((i + 1) * H / oh));
+  indices refused as above.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from tvm import relax, topi
+
+from graphc.errors import UnsupportedOpError
+
+from .lower import register_lowering
+
+
+def _static_size(x: relax.Expr, dim: int, node) -> int:
+    size = x.ty.shape[dim]
+    try:
+        return int(size)
+    except (TypeError, ValueError):
+        raise UnsupportedOpError(f"tvm backend: %{node.name} ({node.target}) selects along "
+                                 f"dim {dim} of dynamic size {size}; graphc compiles static "
+                                 "shapes") from None
+
+
+@register_lowering("aten::select.int")
+def _select(node, importer) -> relax.Expr:
+    x = importer.env[node.args[0]]
+    dim = node.args[1] % x.ty.ndim
+    index = node.args[2] % _static_size(x, dim, node)  # PyTorch checked the range at trace
+    return importer.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim))
+
+
+def _refuse_indices(node) -> None:
+    """Refuse when anything reads output 1 (the argmax indices) of a pooling node."""
+    for user in node.users:  # torch.export keeps an unused getitem of the indices: fine
+        if user.target is not operator.getitem or (user.args[1] != 0 and user.users):
+            raise UnsupportedOpError(
+                f"tvm backend: %{user.name} reads the indices of %{node.name} "
+                f"({node.target}); the TVM backend computes only the pooled values")
+
+
+@register_lowering("aten::max_pool2d_with_indices")
+def _max_pool2d_with_indices(node, importer) -> relax.Expr:
+    _refuse_indices(node)
+    return importer.builtin["max_pool2d_with_indices.default"](node)
+
+
+@register_lowering("aten::adaptive_max_pool2d")
+def _adaptive_max_pool2d(node, importer) -> relax.Expr:
+    _refuse_indices(node)
+    x = importer.env[node.args[0]]
+    size = [int(s) for s in node.args[1]]
+    bb = importer.block_builder
+    squeeze = x.ty.ndim == 3  # [C, H, W]: pooled as a batch of one
+    if squeeze:
+        x = bb.emit(relax.op.expand_dims(x, 0))
+    out = bb.emit_te(topi.nn.adaptive_pool, x, size, "max", "NCHW")
+    if squeeze:
+        out = bb.emit(relax.op.squeeze(out, [0]))
+    indices = relax.op.zeros(out.ty.shape, "int64")  # never read: refused above
+    return bb.emit(relax.Tuple([out, bb.emit(indices)]))
