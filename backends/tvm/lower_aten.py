@@ -5,6 +5,9 @@
   output). The index is normalized against the static size first.
 - aten.max_pool2d_with_indices: TVM returns zeros for the indices. Only the values are
   supported; a graph that reads the indices is refused rather than given zeros.
+- aten.div.Tensor_mode (torch.floor_divide, //) of an int64 tensor by a Python int: TVM
+  makes the int an int32 constant and the import fails on the dtype mismatch. The
+  constant takes the tensor's dtype.
 - aten.adaptive_max_pool2d: no converter at all. Lowered with topi's adaptive max pool
   (the same windows as PyTorch's: start floor(i * H / oh), end ceil((i + 1) * H / oh));
   indices refused as above.
@@ -37,6 +40,18 @@ def _select(node, importer) -> relax.Expr:
     dim = node.args[1] % x.ty.ndim
     index = node.args[2] % _static_size(x, dim, node)  # PyTorch checked the range at trace
     return importer.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim))
+
+
+@register_lowering("aten::div.Tensor_mode")
+def _div_mode(node, importer) -> relax.Expr:
+    x, other = importer.env[node.args[0]], node.args[1]
+    mode = node.kwargs.get("rounding_mode", node.args[2] if len(node.args) > 2 else None)
+    dtype = str(x.ty.dtype)
+    if mode == "floor" and isinstance(other, int) and dtype.startswith("int"):
+        # relax floor_divide on integers rounds toward -inf, as torch does
+        return importer.block_builder.emit(
+            relax.op.floor_divide(x, relax.const(other, dtype)))
+    return importer.builtin["div.Tensor_mode"](node)
 
 
 def _refuse_indices(node) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 
 from tests.fuzz.check import check_exact
-from tests.fuzz.gen import programs
+from tests.fuzz.gen import describe, programs
 from tests.fuzz.lossy import check_lossy
 
 LOSSY_KINDS = ("linear", "conv2d", "matmul", "unary", "binary", "batchnorm", "embedding",
@@ -58,7 +58,7 @@ def main(argv=None):
             key = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             if not stats["failures"][key]:
                 with open(out / "failures.txt", "a") as f:
-                    f.write(f"=== {key}\n{e}\n{traceback.format_exc()}\n")
+                    f.write(f"=== {key}\n{e}\n{describe(prog)}\n{traceback.format_exc()}\n")
             stats["failures"][key] += 1
         if stats["graphs"] % args.every == 0:
             _summary(stats, out)

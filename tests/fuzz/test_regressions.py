@@ -47,9 +47,20 @@ ADAPTIVE_MAX = Program(
     outputs=(1, 2), seed=3)
 
 
+# TVM bug: int64 // 5 (aten.div.Tensor_mode, floor) failed to import ("Binary operators must
+# have the same datatype": TVM made 5 an int32 constant). Fixed in backends/tvm/lower_aten.py.
+FLOORDIV_INT64 = Program(
+    inputs=(("f32", (1, 5)), ("i64", (7,))),
+    ops=(("int_binary", (1,), {"fn": "floordiv", "other": "scalar", "scalar": 5}),
+         ("int_binary", (2,), {"fn": "floordiv", "other": "scalar", "scalar": -3}),
+         ("int_binary", (3,), {"fn": "remainder", "other": "scalar", "scalar": -2}),),
+    outputs=(2, 3, 4), seed=7)
+
+
 @pytest.mark.parametrize("prog", [SELECT_NEGATIVE, SELECT_NEGATIVE_DIM0, LAYERNORM_OF_CONSTANT,
-                                  ADAPTIVE_MAX], ids=["select-1", "select-dim0", "layernorm-const",
-                                                      "adaptive-max"])
+                                  ADAPTIVE_MAX, FLOORDIV_INT64],
+                         ids=["select-1", "select-dim0", "layernorm-const", "adaptive-max",
+                              "floordiv-int64"])
 def test_found_programs_now_agree(prog):
     ran = check_exact(prog)
     assert ran["TVM (no passes)"] == "ok"
