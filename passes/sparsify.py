@@ -40,7 +40,7 @@ from graphc.ir import Graph, fetch_attr, op_name
 from graphc.ops_sparse import bsr_bytes, masked_bytes, to_bsr, to_masked
 from graphc.pass_manager import register_pass
 from graphc.passes.cleanup import dead_code_elimination
-from graphc.passes.sparse_lowering import choose, time_layer
+from graphc.passes.sparse_lowering import KERNEL_MARGIN, choose, time_layer
 from graphc.rewrite import add_weight
 from graphc.verify import propagate
 
@@ -117,8 +117,8 @@ def sparsify(graph: Graph, *, min_sparsity: float = 0.5, block: tuple[int, ...] 
     out = propagate(dead_code_elimination(g))
     out.meta["sparsify"] = _summary(rows, skipped, mode, block, min_sparsity)
     for r in rows:
-        log.info("sparsify: %%%s %.0f%% zeros -> %s (%s)", r["layer"], 100 * r["sparsity"],
-                 r["form"], r["verdict"])
+        log.info("sparsify: %%%s %.0f%% zeros -> %s (%s)%s", r["layer"], 100 * r["sparsity"],
+                 r["form"], r["verdict"], f"; {r['note']}" if "note" in r else "")
     return out
 
 
@@ -195,6 +195,10 @@ def _decide(lay: Layer, mode: str, block, target: str) -> dict:
                    reason=f"measured on {target}")
     row["bytes_after"] = row["bytes_kernel" if row["form"] == "kernel" else "bytes_storage"]
     row["verdict"] = _verdict(row)
+    if row["form"] == "storage" and row["storage_ms"] is not None \
+            and row["storage_ms"] > row["dense_ms"] / KERNEL_MARGIN:
+        # not faster may also be slower: a decoded weight is no compile-time constant
+        row["note"] = f"storage measured {row['storage_ms'] / row['dense_ms']:.2f}x the dense time"
     return row
 
 
