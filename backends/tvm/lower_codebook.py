@@ -46,6 +46,7 @@ from .lower import register_lowering
 op = relax.op
 _FLAG_IDS = itertools.count(1)
 FLAG = relax.TensorType((2,), "int32")
+DECODE_ONCE = "graphc.decode_once"  # attr of a decode-once function: its tensor-cache key
 
 
 def _args(node, importer) -> list:
@@ -133,9 +134,13 @@ def _decode_once_func(prim: relax.GlobalVar, key: str, n: int, p_len: int, size:
     done = relax.Var("done", relax.TensorType((), "bool"))
     test = relax.VarBinding(done, op.not_equal(op.take(flag, relax.const(0, "int64")),
                                                relax.const(0, "int32")))
-    body = relax.SeqExpr([relax.BindingBlock([test])], relax.If(done, hit, miss))
-    # pure to its callers: every call returns the same tensor (memoization)
-    attrs = tvm.ir.make_node("ir.DictAttrs", **{"relax.force_pure": True})
+    # the If bound to a var: TVMScript cannot print an If as a function's result expression
+    result = relax.Var("weight", flat)
+    body = relax.SeqExpr([relax.BindingBlock([test, relax.VarBinding(
+        result, relax.If(done, hit, miss))])], result)
+    # pure to its callers: every call returns the same tensor (memoization); the key marks
+    # it for decode_chain.py, which moves the weight's per-call relayout in here
+    attrs = tvm.ir.make_node("ir.DictAttrs", **{"relax.force_pure": True, DECODE_ONCE: key})
     return relax.Function([flag, packed, codebook], body, flat, is_pure=False, attrs=attrs)
 
 

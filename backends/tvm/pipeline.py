@@ -28,6 +28,7 @@ from graphc.errors import BackendError, GraphcError
 from graphc.spec import TensorSpec
 
 from . import cross
+from .decode_chain import cache_decoded_chains
 from .legalize import LEGALIZATIONS
 from .lower import import_program
 from .runtime import runner_from_executable
@@ -76,6 +77,10 @@ def schedule_passes(target: tvm.target.Target, tuning: TuningOptions | None = No
         tuned_schedules(target, tuning, report),
         dlight.ApplyDefaultSchedule(*default_rules(target)),
         *layout.after_schedule(),
+        # decoded weights (codebook, sparse) are not constants: their relayout moves into
+        # the decode-once functions instead of running per call
+        cache_decoded_chains,
+        relax.transform.DeadCodeElimination(),
     ]
 
 

@@ -1,0 +1,157 @@
+"""Weights decoded once stay decoded once: the kernels' relayout of them moves into the cache.
+
+A decode-once function (lower_codebook.py: codebook weights; lower_sparse.py: sparse ones)
+caches the flat dense weight on the first call. What `main` does with it next is a chain of
+kernels whose only input is that weight: a reshape to the layer's shape, the transpose a
+matmul wants, the `_weight_prepack` a conv schedule adds (schedules/layout.py; FoldConstant
+runs it at compile time on a constant weight, but a decoded weight is not a constant). Left in
+`main`, the chain runs on every call; on ResNet-18 that is every weight read and written
+again per inference. This pass moves such a chain into the decode-once function's
+first-call branch and caches the chain's result instead:
+
+    main:   w = decode_once(flag, packed, codebook)         main:  p = decode_once'(flag, ...)
+            r = call_tir(reshape, (w,))                ->          y = call_tir(conv, (x, p))
+            p = call_tir(conv_weight_prepack, (r,))
+            y = call_tir(conv, (x, p))
+    decode_once':  if decoded: p = tensor_cache.get(key)
+                   else: w = decode(...); r = reshape(w); p = prepack(r); tensor_cache.update(key, p)
+
+A link joins the chain only if it is the previous value's single use and reads no other
+variable (constants are fine), so nothing that depends on the inputs is cached.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .lower_codebook import DECODE_ONCE
+
+
+@tvm.transform.module_pass(opt_level=0, name="GraphcCacheDecodedChains")
+def cache_decoded_chains(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """decode-once call + single-use relayout chain in main -> one cached call."""
+    once = {gv: f for gv, f in mod.functions_items()
+            if isinstance(f, relax.Function) and f.attrs is not None and DECODE_ONCE in f.attrs}
+    if not once or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod
+    bb = relax.BlockBuilder(mod)  # add_func gives the new functions typed GlobalVars
+    main_gv = mod.get_global_var("main")
+    main = mod[main_gv]
+    uses = _uses(main.body)
+    blocks = [type(block)(_rewrite_block(block, once, uses, bb)) for block in main.body.blocks]
+    body = relax.SeqExpr(blocks, main.body.body)
+    bb.update_func(main_gv, relax.Function(main.params, body, main.ret_ty, main.is_pure,
+                                           main.attrs))
+    return relax.transform.Normalize()(bb.get())
+
+
+def _uses(seq: relax.SeqExpr) -> dict:
+    """var -> number of bindings (and the result) that read it."""
+    count: dict = {}
+    exprs = [b.value for blk in seq.blocks for b in blk.bindings] + [seq.body]
+    for e in exprs:
+        for v in relax.analysis.free_vars(e):
+            count[v] = count.get(v, 0) + 1
+    return count
+
+
+def _rewrite_block(block, once: dict, uses: dict, bb: relax.BlockBuilder) -> list:
+    """One binding block's bindings, each decode-once call merged with its relayout chain
+    (the extended decode-once functions are added to bb)."""
+    bindings = list(block.bindings)
+    users = _users(bindings)
+    drop, replace = set(), {}
+    for i, b in enumerate(bindings):
+        call = b.value
+        if not (isinstance(call, relax.Call) and isinstance(call.op, relax.GlobalVar)
+                and call.op in once):
+            continue
+        chain = _chain(b.var, bindings, users, uses)
+        if not chain:
+            continue
+        last = bindings[chain[-1]]
+        func = _extend(once[call.op], [bindings[j] for j in chain], b.var)
+        gv = bb.add_func(func, f"{call.op.name_hint}_{last.var.name}")
+        replace[i] = relax.VarBinding(last.var, relax.Call(gv, call.args))
+        drop.update(chain)
+    # the cached call binds the chain's last var at the decode call's position: its args are
+    # constants, and that position is before every link, so before every user of the result
+    return [replace.get(i, b) for i, b in enumerate(bindings) if i not in drop]
+
+
+def _users(bindings) -> dict:
+    """var -> indices of the bindings that read it."""
+    users: dict = {}
+    for i, b in enumerate(bindings):
+        for v in relax.analysis.free_vars(b.value):
+            users.setdefault(v, []).append(i)
+    return users
+
+
+def _chain(start: relax.Var, bindings, users: dict, uses: dict) -> list[int]:
+    """Indices of the bindings that form start's relayout chain (possibly empty)."""
+    chain, cur = [], start
+    while uses.get(cur, 0) == 1 and len(users.get(cur, [])) == 1:
+        j = users[cur][0]
+        value = bindings[j].value
+        if not (isinstance(value, relax.Call) and _pure_op(value)):
+            break
+        if [v for v in relax.analysis.free_vars(value)] != [cur]:
+            break  # it reads something else too (an input, another weight)
+        chain.append(j)
+        cur = bindings[j].var
+    return chain
+
+
+def _pure_op(call: relax.Call) -> bool:
+    """call_tir of a kernel, or a pure Relax operator (say reshape)."""
+    if isinstance(call.op, tvm.ir.Op):
+        return call.op.name == "relax.call_tir" or not call.op.name.startswith(
+            ("relax.call_", "relax.builtin", "relax.vm", "relax.memory"))
+    return False
+
+
+def _extend(func: relax.Function, links, start: relax.Var) -> relax.Function:
+    """func with `links` (main's bindings, reading `start` first) appended to its first-call
+    branch, caching and returning the last link's value."""
+    key = str(func.attrs[DECODE_ONCE])
+    seq = func.body
+    (block,) = seq.blocks
+    *pre, test = block.bindings
+    cond = test.value
+    (miss_block,) = cond.false_branch.blocks
+    dense = miss_block.bindings[0]  # the decode kernel's call (lower_codebook._decode_once_func)
+    subst = {start: dense.var}
+    fresh = []
+    for link in links:
+        var = relax.Var(link.var.name, link.var.ty)
+        fresh.append(relax.VarBinding(var, _substitute(link.value, subst)))
+        subst[link.var] = var
+    last = fresh[-1].var
+    ty = last.ty
+    stored = relax.Var("stored", relax.ObjectType())
+    miss = relax.SeqExpr([relax.BindingBlock([dense, *fresh, relax.VarBinding(
+        stored, relax.Call(relax.ExternFunc("vm.builtin.tensor_cache.update"),
+                           [tvm.ir.StringImm(key), last,
+                            relax.prim_value(tvm.tirx.IntImm("bool", 1))],
+                           ty_args=[relax.ObjectType()]))])], last)
+    cached = relax.Var("cached", ty)
+    hit = relax.SeqExpr([relax.BindingBlock([relax.VarBinding(cached, relax.call_pure_packed(
+        "vm.builtin.tensor_cache.get", tvm.ir.StringImm(key), ty_args=ty))])], cached)
+    result = relax.Var("weight", ty)
+    body = relax.SeqExpr([relax.BindingBlock([*pre, relax.VarBinding(
+        result, relax.If(cond.cond, hit, miss))])], result)
+    return relax.Function(func.params, body, ty, func.is_pure, func.attrs)
+
+
+def _substitute(call: relax.Call, subst: dict) -> relax.Call:
+    """call with its variable arguments (also inside a call_tir's argument tuple) renamed."""
+    def arg(a):
+        if isinstance(a, relax.Var):
+            return subst.get(a, a)
+        if isinstance(a, relax.Tuple):
+            return relax.Tuple([arg(f) for f in a.fields])
+        return a
+
+    return relax.Call(call.op, [arg(a) for a in call.args], call.attrs, call.ty_args)
