@@ -5,14 +5,25 @@ everything that is the same for every backend: input checking, torch/numpy conve
 benchmarking, the pass report, and the one-file artifact format:
 
     model.graphc (zip)
-      meta.json      format marker, version, specs, target, backend, free-form meta
+      meta.json      format marker, version, specs, target, backend, free-form meta, and
+                     "integrity": the SHA-256 of every other member and of meta.json itself
       runner/...     files the backend's runner wrote (e.g. the TVM shared library)
       __main__.py    when the runner has main_script(): `python3 model.graphc` runs the model
                      without graphc (TVM: backends/tvm/board_runner.py, for devices)
+
+Integrity: load() checks every member against its SHA-256 (and that no member was added or
+removed) before it extracts anything or hands a file to the backend (dlopen). That detects
+corruption and accidental edits, not malice: whoever can edit the file can recompute the
+sums. An artifact is code, like a pickle or a .so: load only artifacts you trust.
+
+Reproducible: the same model, passes and target give a byte-identical file. Zip entries get
+a fixed date and mode, and wall-clock timings (pass and build seconds) are left out of the
+saved meta (they stay in the in-memory CompiledModel.meta).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -30,7 +41,10 @@ from graphc.errors import ArtifactError, GraphcError, InputError
 from graphc.spec import TensorSpec, check_inputs
 
 FORMAT = "graphc-compiled"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json carries "integrity" (SHA-256 of every member)
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # zip's earliest date: entries carry no build time
+# Wall-clock timings in meta: they differ on every compile, so the saved file leaves them out.
+TIMING_KEYS = ("seconds", "phase_seconds", "search_seconds")
 
 # How to rebuild a runner from its saved files, per backend ("module:function", imported
 # lazily so that loading a TVM artifact does not need the torch backend and vice versa).
@@ -126,7 +140,9 @@ class CompiledModel:
         """The per-pass report rows in meta["passes"] as a printable table."""
         from graphc.report import passes_table
 
-        return passes_table(self.meta.get("passes") or [], title=repr(self))
+        # a loaded artifact has no timings (save leaves them out): shown as nan
+        rows = [{"seconds": float("nan"), **r} for r in self.meta.get("passes") or []]
+        return passes_table(rows, title=repr(self))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one file (a zip) that load_compiled(path) reads back, in any process."""
@@ -134,44 +150,53 @@ class CompiledModel:
         header = {"format": FORMAT, "version": FORMAT_VERSION, "backend": self.backend,
                   "target": self.target, "single_output": self.single_output,
                   "input_specs": [s.to_json() for s in self.input_specs],
-                  "output_specs": [s.to_json() for s in self.output_specs], "meta": self.meta}
-        try:
-            header_text = json.dumps(header, indent=1)
-        except TypeError as e:
-            raise GraphcError(f"save: CompiledModel.meta must be JSON-serializable: {e}") from e
+                  "output_specs": [s.to_json() for s in self.output_specs],
+                  "meta": _without_timings(self.meta)}
         with tempfile.TemporaryDirectory() as tmp:
             self.runner.save(Path(tmp))
-            # Write next to the destination, then rename: a failed save leaves no half file.
-            partial = path.with_name(path.name + ".partial")
-            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
-                zf.writestr("meta.json", header_text)
-                main_script = getattr(self.runner, "main_script", None)  # optional
-                if main_script is not None:
-                    zf.writestr("__main__.py", main_script())
-                for f in sorted(Path(tmp).rglob("*")):
-                    if f.is_file():
-                        zf.write(f, "runner/" + f.relative_to(tmp).as_posix())
-            os.replace(partial, path)
+            members = {}
+            main_script = getattr(self.runner, "main_script", None)  # optional
+            if main_script is not None:
+                members["__main__.py"] = main_script().encode()
+            for f in sorted(Path(tmp).rglob("*")):
+                if f.is_file():
+                    members["runner/" + f.relative_to(tmp).as_posix()] = f.read_bytes()
+        try:
+            header_bytes = _sealed_header(header, members)
+        except TypeError as e:
+            raise GraphcError(f"save: CompiledModel.meta must be JSON-serializable: {e}") from e
+        # Write next to the destination, then rename: a failed save leaves no half file.
+        partial = path.with_name(path.name + ".partial")
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in {"meta.json": header_bytes, **members}.items():
+                info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+                info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
+                zf.writestr(info, data)
+        os.replace(partial, path)
 
 
 def load_compiled(path: str | os.PathLike) -> CompiledModel:
-    """Read a file written by CompiledModel.save (graphc.load)."""
+    """Read a file written by CompiledModel.save (graphc.load). Every member is checked
+    against its SHA-256 before anything is extracted or loaded (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"graphc.load: no such file: {path}")
     try:
         with zipfile.ZipFile(path) as zf:
             header = _read_header(zf, path)
-            with tempfile.TemporaryDirectory() as tmp:
-                for name in zf.namelist():
-                    if name.startswith("runner/") and not name.endswith("/"):
-                        _extract(zf, name, Path(tmp) / name.removeprefix("runner/"))
-                runner = _runner_loader(header["backend"], path)(Path(tmp))
+            members = _verified_members(zf, header, path)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise ArtifactError(f"graphc.load: {path} is not a graphc artifact or is corrupt "
                             f"({type(e).__name__}: {e})") from e
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in members.items():
+            if name.startswith("runner/"):
+                dest = Path(tmp) / name.removeprefix("runner/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+        runner = _runner_loader(header["backend"], path)(Path(tmp))
     return CompiledModel(
         runner, input_specs=[TensorSpec.from_json(d) for d in header["input_specs"]],
         output_specs=[TensorSpec.from_json(d) for d in header["output_specs"]],
@@ -200,11 +225,11 @@ def _to_torch(x) -> torch.Tensor:
 
 
 def _read_header(zf: zipfile.ZipFile, path: Path) -> dict:
-    try:
-        header = json.loads(zf.read("meta.json"))
-    except KeyError:
+    if "meta.json" not in zf.namelist():
         raise ArtifactError(f"graphc.load: {path} is a zip file but not a graphc artifact "
-                            "(no meta.json)") from None
+                            "(no meta.json)")
+    try:
+        header = json.loads(_read_member(zf, "meta.json", path))
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"graphc.load: {path}: meta.json is corrupt ({e})") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -218,12 +243,71 @@ def _read_header(zf: zipfile.ZipFile, path: Path) -> dict:
     return header
 
 
-def _extract(zf: zipfile.ZipFile, name: str, dest: Path) -> None:
-    # Refuse names that would escape the temporary directory ("runner/../../x").
-    if ".." in Path(name).parts or Path(name).is_absolute():
-        raise ArtifactError(f"graphc.load: artifact member {name!r} has an unsafe path")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(zf.read(name))
+def _read_member(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    try:
+        return zf.read(name)  # checks the zip's CRC-32 too: most corruption stops here
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ArtifactError(f"graphc.load: {path}: member {name!r} is corrupt "
+                            f"({type(e).__name__}: {e}); nothing was loaded") from e
+
+
+def _without_timings(meta):
+    if isinstance(meta, dict):
+        return {k: _without_timings(v) for k, v in meta.items() if k not in TIMING_KEYS}
+    if isinstance(meta, list | tuple):
+        return [_without_timings(v) for v in meta]
+    return meta
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(header: dict) -> bytes:
+    """The bytes meta.json's own checksum covers: the header without that checksum."""
+    integrity = {k: v for k, v in header.get("integrity", {}).items() if k != "meta.json"}
+    return json.dumps({**header, "integrity": integrity}, sort_keys=True).encode()
+
+
+def _sealed_header(header: dict, members: dict[str, bytes]) -> bytes:
+    header = {**header, "integrity": {"algorithm": "sha256",
+                                      "members": {n: _digest(d) for n, d in members.items()}}}
+    header["integrity"]["meta.json"] = _digest(_canonical(header))
+    return json.dumps(header, indent=1).encode()
+
+
+def _verified_members(zf: zipfile.ZipFile, header: dict, path: Path) -> dict[str, bytes]:
+    """Every member but meta.json, read and checked against the header's SHA-256 sums."""
+    names = zf.namelist()
+    for name in names:
+        # Refuse names that would escape a folder they are extracted to ("runner/../../x").
+        if ".." in Path(name).parts or name.startswith(("/", "\\")) or ":" in name:
+            raise ArtifactError(f"graphc.load: {path}: member {name!r} has an unsafe path")
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ArtifactError(f"graphc.load: {path}: member(s) {twice} appear twice")
+    integrity = header.get("integrity")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("members"), dict):
+        raise ArtifactError(f"graphc.load: {path}: meta.json has no integrity record")
+    if integrity.get("meta.json") != _digest(_canonical(header)):
+        raise ArtifactError(f"graphc.load: {path}: member 'meta.json' fails its SHA-256 check "
+                            "(the header was edited or is corrupt)")
+    expected = integrity["members"]
+    present = [n for n in names if n != "meta.json" and not n.endswith("/")]
+    extra, missing = sorted(set(present) - set(expected)), sorted(set(expected) - set(present))
+    if extra:
+        raise ArtifactError(f"graphc.load: {path}: member(s) {extra} are not in the "
+                            "artifact's integrity record (added after save)")
+    members = {}
+    for name in present:
+        data = _read_member(zf, name, path)
+        if _digest(data) != expected[name]:
+            raise ArtifactError(f"graphc.load: {path}: member {name!r} fails its SHA-256 "
+                                "check (corrupt or edited); nothing was loaded")
+        members[name] = data
+    if missing:
+        raise ArtifactError(f"graphc.load: {path}: member(s) {missing} are missing")
+    return members
 
 
 def _runner_loader(backend: str, path: Path):

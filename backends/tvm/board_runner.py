@@ -11,6 +11,10 @@ without it, seeded random inputs (normal floats, integers 0..7). --save-outputs 
 array per output name. --job ARTIFACT INPUTS OUTPUTS (repeatable) runs several artifacts in
 one process: importing tvm takes seconds under emulation (qemu-user), once is enough.
 
+Before loading lib.so (dlopen runs code), every member is checked against the SHA-256 sums
+meta.json records, as graphc.load does: a corrupt or edited artifact is refused, nothing of it
+runs. That detects accidents, not malice (sums can be recomputed): run trusted artifacts only.
+
 Needs `pip install apache-tvm numpy` (the TVM version the model was compiled with; only TVM's
 runtime library is loaded). Keep this file standard library + numpy + tvm.runtime.
 """
@@ -18,12 +22,14 @@ runtime library is loaded). Keep this file standard library + numpy + tvm.runtim
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 # graphc's short dtype names (graphc/spec.py) -> numpy's
@@ -68,8 +74,8 @@ def run_one(artifact: Path, inputs: str | None, outputs: str | None, repeat: int
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    meta = _meta(artifact)
-    vm = VirtualMachine(_load_lib(artifact, tvm), tvm.cpu())
+    meta, members = _meta(artifact)
+    vm = VirtualMachine(_load_lib(members, tvm), tvm.cpu())
     main = vm["main"]
     arrays = _inputs(meta["input_specs"], inputs)
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
@@ -88,26 +94,64 @@ def run_one(artifact: Path, inputs: str | None, outputs: str | None, repeat: int
         print(f"  latency: median {_median_ms(main, args, repeat):.3f} ms over {repeat} runs")
 
 
-def _meta(artifact: Path) -> dict:
-    if artifact.is_dir():
-        meta = json.loads((artifact / "meta.json").read_text())
-    else:
-        with zipfile.ZipFile(artifact) as zf:
-            meta = json.loads(zf.read("meta.json"))
+def _meta(artifact: Path) -> tuple[dict, dict[str, bytes]]:
+    """meta.json and the other members, all checked against their SHA-256 sums."""
+    members = _members(artifact)
+    if "meta.json" not in members:
+        sys.exit(f"board_runner: {artifact} is not a graphc artifact (no meta.json)")
+    try:
+        meta = json.loads(members.pop("meta.json"))
+    except ValueError as e:
+        sys.exit(f"board_runner: {artifact}: meta.json is corrupt ({e})")
+    _verify(artifact, meta, members)
     if meta.get("backend") != "tvm":
         sys.exit(f"board_runner: {artifact} was built by the {meta.get('backend')} backend; "
                  "only TVM artifacts run without graphc")
-    return meta
+    return meta, members
 
 
-def _load_lib(artifact: Path, tvm):
-    """The artifact's runner/lib.so, loaded. dlopen needs a file: a zip's copy goes to a
-    temporary folder, removed once loaded (the mapping outlives the file)."""
-    if artifact.is_dir():
-        return tvm.runtime.load_module(str(artifact / "runner" / "lib.so"))
-    with tempfile.TemporaryDirectory(prefix="graphc-") as tmp, zipfile.ZipFile(artifact) as zf:
+def _members(artifact: Path) -> dict[str, bytes]:
+    """Every file of the artifact (a zip, or its unzipped folder) by its member name."""
+    try:
+        if artifact.is_dir():
+            return {f.relative_to(artifact).as_posix(): f.read_bytes()
+                    for f in sorted(artifact.rglob("*")) if f.is_file()}
+        with zipfile.ZipFile(artifact) as zf:
+            names = zf.namelist()
+            if len(set(names)) != len(names):
+                sys.exit(f"board_runner: {artifact}: a member name appears twice")
+            return {n: zf.read(n) for n in names if not n.endswith("/")}
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+        sys.exit(f"board_runner: {artifact} is not a graphc artifact or is corrupt ({e})")
+
+
+def _verify(artifact: Path, meta: dict, members: dict[str, bytes]) -> None:
+    """The checks graphc.load makes (graphc/compiled.py): sums of meta.json and of every
+    member, none added or removed. Exits before anything of the artifact is loaded."""
+    integrity = meta.get("integrity")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("members"), dict):
+        sys.exit(f"board_runner: {artifact}: meta.json has no integrity record "
+                 f"(artifact version {meta.get('version')}): recompile with this graphc")
+    rest = {k: v for k, v in integrity.items() if k != "meta.json"}
+    own = json.dumps({**meta, "integrity": rest}, sort_keys=True).encode()
+    if integrity.get("meta.json") != hashlib.sha256(own).hexdigest():
+        sys.exit(f"board_runner: {artifact}: member 'meta.json' fails its SHA-256 check")
+    expected = integrity["members"]
+    extra, missing = sorted(set(members) - set(expected)), sorted(set(expected) - set(members))
+    if extra or missing:
+        sys.exit(f"board_runner: {artifact}: members added {extra}, missing {missing}")
+    for name, data in members.items():
+        if hashlib.sha256(data).hexdigest() != expected[name]:
+            sys.exit(f"board_runner: {artifact}: member {name!r} fails its SHA-256 check "
+                     "(corrupt or edited); not loaded")
+
+
+def _load_lib(members: dict[str, bytes], tvm):
+    """The artifact's verified runner/lib.so, loaded. dlopen needs a file: the bytes checked
+    by _verify (not the file again) go to a temporary folder, removed once loaded."""
+    with tempfile.TemporaryDirectory(prefix="graphc-") as tmp:
         lib = Path(tmp) / "lib.so"
-        lib.write_bytes(zf.read("runner/lib.so"))
+        lib.write_bytes(members["runner/lib.so"])
         return tvm.runtime.load_module(str(lib))
 
 

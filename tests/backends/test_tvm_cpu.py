@@ -206,12 +206,15 @@ def test_signature_mismatch_is_a_backend_error():
 
 def test_save_load_round_trip(compiled, tmp_path):
     _, inputs, cm = compiled("encoder")
-    cm.meta["passes"] = [{"pass": "input", "seconds": 0.0, "nodes": 3}]
+    cm.meta["passes"] = [{"pass": "input", "seconds": 0.5, "nodes": 3}]
     path = tmp_path / "enc.graphc"
     cm.save(path)
     loaded = load_compiled(path)
     assert loaded.input_specs == cm.input_specs and loaded.output_specs == cm.output_specs
-    assert (loaded.target, loaded.backend, loaded.meta) == (cm.target, "tvm", cm.meta)
+    assert (loaded.target, loaded.backend) == (cm.target, "tvm")
+    # wall-clock timings stay out of the file (it is reproducible); the rest round-trips
+    assert loaded.meta["passes"] == [{"pass": "input", "nodes": 3}]
+    assert loaded.meta["tvm"]["target"] == cm.meta["tvm"]["target"]
     assert torch.equal(loaded(*inputs), cm(*inputs))
     loaded.save(tmp_path / "again.graphc")  # a loaded model can be saved again
     assert torch.equal(load_compiled(tmp_path / "again.graphc")(*inputs), cm(*inputs))
@@ -254,7 +257,7 @@ def test_corrupt_or_foreign_files_fail_cleanly(compiled, tmp_path):
     with zipfile.ZipFile(tmp_path / "future.graphc", "w") as zf, zipfile.ZipFile(good) as src:
         zf.writestr("meta.json", json.dumps({**json.loads(src.read("meta.json")), "version": 99}))
     expected = {"random": "not a graphc artifact or is corrupt", "truncated": "corrupt",
-                "foreign": "no meta.json", "badlib": "cannot load the compiled library",
+                "foreign": "no meta.json", "badlib": r"'runner/lib.so' fails its SHA-256 check",
                 "future": "artifact version 99"}
     for stem, message in expected.items():
         with pytest.raises(ArtifactError, match=message) as info:
