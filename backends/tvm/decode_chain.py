@@ -18,6 +18,10 @@ first-call branch and caches the chain's result instead:
 
 A link joins the chain only if it is the previous value's single use and reads no other
 variable (constants are fine), so nothing that depends on the inputs is cached.
+
+mark_decoded_layout_free (before the schedule rules) lets the rules treat a decoded weight
+as they treat a constant: a matmul then reads it from packed panels too, and its prepack is
+one more link of the chain.
 """
 
 from __future__ import annotations
@@ -155,3 +159,43 @@ def _substitute(call: relax.Call, subst: dict) -> relax.Call:
         return a
 
     return relax.Call(call.op, [arg(a) for a in call.args], call.attrs, call.ty_args)
+
+
+@tvm.transform.module_pass(opt_level=0, name="GraphcMarkDecodedLayoutFree")
+def mark_decoded_layout_free(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """kernel params fed only by decoded weights -> also in the kernel's layout_free_buffers.
+
+    Runs after AttachAttrLayoutFreeBuffers (which marks Relax constants). A schedule rule then
+    packs a decoded weight as it packs a constant one (a `_weight_prepack` preproc), and
+    cache_decoded_chains moves that prepack into the decode-once function. A kernel called
+    from several places gets the mark only where every call passes a decoded value."""
+    once = {gv for gv, f in mod.functions_items()
+            if isinstance(f, relax.Function) and f.attrs is not None and DECODE_ONCE in f.attrs}
+    if not once or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod
+    main = mod["main"]
+    static: set = set()  # vars computed from decoded weights and constants only
+    votes: dict = {}  # kernel GlobalVar -> {param index: every call passes a static value}
+    for block in main.body.blocks:
+        for b in block.bindings:
+            call = b.value
+            if not isinstance(call, relax.Call):
+                continue
+            free = relax.analysis.free_vars(call)
+            decoded = isinstance(call.op, relax.GlobalVar) and call.op in once
+            if decoded or (_pure_op(call) and free and all(v in static for v in free)):
+                static.add(b.var)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir":
+                kernel, args = call.args[0], list(call.args[1].fields)
+                seen = votes.setdefault(kernel, {})
+                for i, a in enumerate(args):
+                    seen[i] = seen.get(i, True) and isinstance(a, relax.Var) and a in static
+    for kernel, seen in votes.items():
+        marked = {i for i, ok in seen.items() if ok}
+        func = mod[kernel]
+        if not marked or not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        old = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+        both = sorted(marked | {int(i) for i in (old or [])})
+        mod[kernel] = func.with_attr("layout_free_buffers", both)
+    return mod

@@ -28,7 +28,7 @@ from graphc.errors import BackendError, GraphcError
 from graphc.spec import TensorSpec
 
 from . import cross
-from .decode_chain import cache_decoded_chains
+from .decode_chain import cache_decoded_chains, mark_decoded_layout_free
 from .legalize import LEGALIZATIONS
 from .lower import import_program
 from .runtime import runner_from_executable
@@ -74,6 +74,7 @@ def schedule_passes(target: tvm.target.Target, tuning: TuningOptions | None = No
     # layout; these Relax passes fold that repacking into the constants at compile time.
     return [
         *layout.before_schedule(),
+        mark_decoded_layout_free,  # decoded weights get packed like constant ones
         tuned_schedules(target, tuning, report),
         dlight.ApplyDefaultSchedule(*default_rules(target)),
         *layout.after_schedule(),

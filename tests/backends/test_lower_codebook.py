@@ -128,8 +128,9 @@ def _kernel_calls(cm, *inputs) -> list[list[str]]:
 
 
 def test_decoded_weights_are_relaid_out_once_not_per_call(monkeypatch):
-    """backends/tvm/decode_chain.py: the relayout of a decoded weight runs on the first call
-    only (it moved into the cached decode-once branch); outputs unchanged."""
+    """backends/tvm/decode_chain.py: the relayout of a decoded weight (reshape, transpose,
+    the kernel's weight prepack) runs on the first call only: it moved into the cached
+    decode-once branch. Outputs unchanged."""
     from graphc.backends.tvm import pipeline
 
     monkeypatch.setattr(pipeline, "EXEC_MODE", "bytecode")
@@ -143,5 +144,9 @@ def test_decoded_weights_are_relaid_out_once_not_per_call(monkeypatch):
     print("first call:", first, "\nsecond call:", second)
     assert relayout and not [k for k in second if k in relayout]
     assert len([k for k in second if "decode" in k and "once" not in k]) == 0
+    # decode_chain.mark_decoded_layout_free: both kernels read their weight packed, as they
+    # would a constant one
+    layers = [k for k in second if "matmul" in k or "conv" in k]
+    assert len(layers) == 2 and all(k.endswith("_prepacked") for k in layers)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), s(x)[0], rtol=1e-5, atol=1e-5)
