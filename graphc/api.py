@@ -25,7 +25,14 @@ def trace(model, inputs=None, *, name: str | None = None,
         if inputs is None:
             raise FrontendError("trace: a PyTorch model needs example inputs: "
                                 "graphc.trace(model, (x,))")
+        if input_shapes:  # silently ignored, it would compile other shapes than asked
+            raise FrontendError("trace: input_shapes is for ONNX inputs with dynamic dims; a "
+                                "PyTorch model takes its shapes from the example inputs")
         return from_module(model, inputs, name=name)
+    if not isinstance(model, (str, os.PathLike, bytes)) and type(model).__name__ != "ModelProto":
+        raise FrontendError(f"trace: cannot trace a {type(model).__name__}; give a "
+                            "torch.nn.Module, an ONNX file (path, bytes or ModelProto) or a "
+                            "graphc.Graph")
     return _trace_onnx(model, inputs, name, input_shapes)
 
 

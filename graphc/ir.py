@@ -33,7 +33,8 @@ class Graph:
     # ---- running -------------------------------------------------------------------
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run in PyTorch; always returns a tuple of output tensors."""
-        check_inputs(self.inputs, inputs, where=f"graph '{self.name}'")
+        # a Graph runs in PyTorch: numpy arrays would fail deep inside an aten op
+        check_inputs(self.inputs, inputs, where=f"graph '{self.name}'", kinds=(torch.Tensor,))
         out = self.gm(*inputs)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 

@@ -58,17 +58,31 @@ class TensorSpec:
         return torch.randint(0, 8, self.shape, generator=g).to(self.dtype)
 
 
-def check_inputs(specs: list[TensorSpec], values: tuple, where: str) -> None:
-    """Raise InputError naming the input if count, shape or dtype differ from the specs."""
+def check_inputs(specs: list[TensorSpec], values: tuple, where: str,
+                 kinds: tuple[type, ...] = (torch.Tensor, np.ndarray)) -> None:
+    """Raise InputError naming the input if count, kind, shape or dtype differ from the specs."""
     if len(values) != len(specs):
         names = ", ".join(s.name for s in specs)
         raise InputError(f"{where}: expected {len(specs)} inputs ({names}), got {len(values)}")
     for spec, v in zip(specs, values):
+        if not isinstance(v, kinds):
+            raise InputError(f"{where}: input '{spec.name}' must be a "
+                             f"{' or '.join(f'{k.__module__}.{k.__name__}' for k in kinds)}, "
+                             f"got {type(v).__module__}.{type(v).__name__}")
         shape = tuple(v.shape)
-        dtype = v.dtype if isinstance(v, torch.Tensor) else torch.from_numpy(np.empty(0, v.dtype)).dtype
+        dtype = _dtype_of(v)
         if shape != spec.shape or dtype != spec.dtype:
             got = TensorSpec(spec.name, shape, dtype)
             raise InputError(
                 f"{where}: input '{spec.name}' expects {spec}, got {got}; graphc compiles for "
                 "static shapes: recompile with example inputs of the new shape"
             )
+
+
+def _dtype_of(v) -> torch.dtype | np.dtype:
+    if isinstance(v, torch.Tensor):
+        return v.dtype
+    try:
+        return torch.from_numpy(np.empty(0, v.dtype)).dtype
+    except TypeError:
+        return v.dtype  # no torch equivalent (object, str): never matches a spec

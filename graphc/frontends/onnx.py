@@ -87,11 +87,49 @@ def _check(proto: onnx.ModelProto, checkable) -> int:
             f"{MIN_OPSET}+: convert it first with "
             f"onnx.version_converter.convert_version(model, {MIN_OPSET})"
         )
+    _check_dataflow(proto.graph)  # before the checker: its messages do not name the node
     try:
         onnx.checker.check_model(checkable)
     except Exception as e:
         raise FrontendError(f"invalid ONNX model (onnx.checker): {e}") from e
     return opset
+
+
+def _check_dataflow(graph: onnx.GraphProto) -> None:
+    """Every node input is defined (a graph input, an initializer, a node output) and no
+    nodes form a cycle; else a FrontendError naming the node, the op and the value."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    producer = {out: node for node in graph.node for out in node.output if out}
+    for node in graph.node:
+        for name in node.input:
+            if not name or name in defined:
+                continue
+            if name not in producer:
+                raise FrontendError(
+                    f"invalid ONNX model: {node.op_type} node '{node.name}' reads '{name}', "
+                    "which is no graph input, initializer or node output (a missing "
+                    "initializer?)")
+            cycle = _cycle_through(node, producer)
+            if cycle:
+                raise FrontendError("invalid ONNX model: nodes form a cycle: " + " -> ".join(
+                    f"{n.op_type} '{n.name}'" for n in cycle + cycle[:1]))
+        defined.update(node.output)
+
+
+def _cycle_through(start: onnx.NodeProto, producer: dict) -> list[onnx.NodeProto]:
+    """The nodes of a cycle back to `start` along node inputs, or [] (depth-first)."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        node, path = stack.pop()
+        for name in node.input:
+            prev = producer.get(name)
+            if prev is start:
+                return path[::-1]
+            if prev is not None and id(prev) not in seen:
+                seen.add(id(prev))
+                stack.append((prev, path + [prev]))
+    return []
 
 
 def _input_shape(vi: onnx.ValueInfoProto, given: dict) -> tuple[int, ...]:
