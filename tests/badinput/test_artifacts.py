@@ -1,0 +1,187 @@
+"""Damaged artifacts: graphc.load (and the board runner) must refuse each, naming the member,
+before anything of the file is extracted or loaded. The checksum detects corruption and
+accidental edits; an attacker can recompute it (test_resealed_library_runs shows that)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphc
+from graphc.compiled import _sealed_header
+from graphc.errors import ArtifactError
+
+LIB = "runner/lib.so"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU())
+    path = tmp_path_factory.mktemp("artifact") / "good.graphc"
+    graphc.compile(model, (torch.randn(2, 8),), target="cpu").save(path)
+    return path
+
+
+def _members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def _write(path: Path, members: dict[str, bytes] | list[tuple[str, bytes]],
+           reseal: bool = False) -> Path:
+    """A zip of `members` (a list may repeat a name); reseal: recompute the checksums, as
+    an attacker would."""
+    items = list(members.items()) if isinstance(members, dict) else members
+    if reseal:
+        header = json.loads(dict(items)["meta.json"])
+        header.pop("integrity")
+        rest = {n: d for n, d in items if n != "meta.json"}
+        items = [("meta.json", _sealed_header(header, rest)), *rest.items()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in items:
+            zf.writestr(name, data)
+    return path
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1:]
+
+
+def _flip_in_file(good: Path, dest: Path, member: str) -> Path:
+    """One byte flipped inside `member`'s stored (compressed) bytes, the zip left as is."""
+    with zipfile.ZipFile(good) as zf:
+        info = zf.getinfo(member)
+    raw = good.read_bytes()
+    name_len, extra_len = (int.from_bytes(raw[info.header_offset + k:info.header_offset + k + 2],
+                                          "little") for k in (26, 28))
+    start = info.header_offset + 30 + name_len + extra_len
+    dest.write_bytes(_flip(raw, start + info.compress_size // 2))
+    return dest
+
+
+def _edited_meta(members: dict[str, bytes]) -> dict[str, bytes]:
+    # an input shape edited by hand: loaded, it would accept inputs lib.so was not built for
+    header = json.loads(members["meta.json"])
+    header["input_specs"][0]["shape"] = [4, 8]
+    return {**members, "meta.json": json.dumps(header, indent=1).encode()}
+
+
+CASES = {
+    # name: (make the bad file from (good, tmp), message regex)
+    "truncated": (lambda g, t: _bytes(t, g.read_bytes()[: g.stat().st_size // 2]),
+                  r"is not a graphc artifact or is corrupt"),
+    "not-a-zip": (lambda g, t: _bytes(t, b"graphc? no.\n" * 100),
+                  r"is not a graphc artifact or is corrupt \(BadZipFile"),
+    "empty": (lambda g, t: _bytes(t, b""), r"is not a graphc artifact or is corrupt"),
+    "zip-without-meta": (lambda g, t: _write(t, {"hello.txt": b"hi"}), r"no meta\.json"),
+    "lib-byte-flipped": (lambda g, t: _flip_in_file(g, t, LIB),
+                         r"member 'runner/lib\.so' is corrupt"),
+    "meta-byte-flipped": (lambda g, t: _flip_in_file(g, t, "meta.json"),
+                          r"member 'meta\.json' is corrupt"),
+    "lib-edited": (lambda g, t: _write(t, {**_members(g), LIB: _flip(_members(g)[LIB], 4000)}),
+                   r"member 'runner/lib\.so' fails its SHA-256 check"),
+    "meta-edited": (lambda g, t: _write(t, _edited_meta(_members(g))),
+                    r"member 'meta\.json' fails its SHA-256 check"),
+    "member-removed": (lambda g, t: _write(t, {n: d for n, d in _members(g).items()
+                                               if n != "runner/runner.json"}),
+                       r"\['runner/runner\.json'\] are missing"),
+    "member-added": (lambda g, t: _write(t, {**_members(g), "runner/extra.so": b"\x7fELF"}),
+                     r"\['runner/extra\.so'\] are not in the artifact's integrity record"),
+    "path-traversal": (lambda g, t: _write(t, {**_members(g), "runner/../../x": b"boo"}),
+                       r"member 'runner/\.\./\.\./x' has an unsafe path"),
+    "absolute-path": (lambda g, t: _write(t, {**_members(g), "/tmp/x": b"boo"}),
+                      r"member '/tmp/x' has an unsafe path"),
+    "member-twice": (lambda g, t: _write(t, [*_members(g).items(), (LIB, b"\x7fELF")]),
+                     r"\['runner/lib\.so'\] appear twice"),
+    "no-integrity": (lambda g, t: _write(t, {**_members(g), "meta.json": json.dumps(
+        {k: v for k, v in json.loads(_members(g)["meta.json"]).items()
+         if k != "integrity"}).encode()}), r"meta\.json has no integrity record"),
+    "old-version": (lambda g, t: _write(t, {**_members(g), "meta.json": json.dumps(
+        {**json.loads(_members(g)["meta.json"]), "version": 1}).encode()}),
+        r"artifact version 1; this graphc reads version 2: recompile"),
+}
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_damaged_artifact_is_refused(good, tmp_path, case):
+    make, regex = CASES[case]
+    bad = make(good, tmp_path / f"{case}.graphc")
+    with pytest.raises(ArtifactError, match=regex):
+        graphc.load(bad)
+    assert not (tmp_path.parent / "x").exists()  # nothing escaped the temporary folder
+
+
+def test_good_artifact_and_resealed_edits_load(good, tmp_path):
+    x = torch.randn(2, 8)
+    assert graphc.load(good)(x).shape == (2, 4)
+    # the same members re-zipped (other dates, order of compression) still verify
+    assert graphc.load(_write(tmp_path / "rezipped.graphc", _members(good)))(x).shape == (2, 4)
+
+
+# ---- the check runs before any code of the file does ------------------------------------
+MARKER_SO = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void graphc_test_marker(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("lib.so code ran", f); fclose(f); }
+}
+"""
+
+
+@pytest.fixture
+def marker_lib(tmp_path):
+    """A shared library whose constructor (run by dlopen) writes a marker file."""
+    marker = tmp_path / "marker.txt"
+    src = tmp_path / "marker.c"
+    src.write_text(MARKER_SO)
+    lib = tmp_path / "marker.so"
+    cc = subprocess.run(["cc", "-shared", "-fPIC", f'-DMARKER="{marker}"', str(src), "-o",
+                         str(lib)], capture_output=True, text=True, check=False)
+    if cc.returncode != 0:
+        pytest.skip(f"no C compiler for the marker library: {cc.stderr[-300:]}")
+    return lib.read_bytes(), marker
+
+
+def test_tampered_library_is_refused_before_dlopen(good, tmp_path, marker_lib):
+    code, marker = marker_lib
+    bad = _write(tmp_path / "tampered.graphc", {**_members(good), LIB: code})
+    with pytest.raises(ArtifactError, match=r"member 'runner/lib\.so' fails its SHA-256"):
+        graphc.load(bad)
+    assert not marker.exists()
+    # the board runner (the artifact's own __main__.py, tvm + numpy only) refuses it too
+    proc = subprocess.run([sys.executable, str(bad)], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode != 0
+    assert "member 'runner/lib.so' fails its SHA-256 check" in proc.stderr, proc.stderr[-800:]
+    assert not marker.exists()
+
+
+def test_resealed_library_runs(good, tmp_path, marker_lib):
+    # The control that shows the test above can fail: with the sums recomputed (what an
+    # attacker does), dlopen runs the library's code. The checksum is no defence against
+    # malice: an artifact is code, load only trusted ones (docs/debugging.md).
+    code, marker = marker_lib
+    bad = _write(tmp_path / "resealed.graphc", {**_members(good), LIB: code}, reseal=True)
+    with pytest.raises(ArtifactError, match=r"cannot load the compiled library"):
+        graphc.load(bad)
+    assert marker.read_text() == "lib.so code ran"
+
+
+def test_board_runner_runs_the_good_artifact(good, tmp_path):
+    proc = subprocess.run([sys.executable, str(good)], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert "out0: float32[2, 4]" in proc.stdout
