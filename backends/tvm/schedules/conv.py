@@ -201,6 +201,15 @@ def output_block(c: Conv) -> Block:
     return c.epilogue[-1]
 
 
+def private_output(c: Conv) -> None:
+    """Before a rule relayouts the conv's output buffer: when no epilogue follows, that buffer
+    is the function's output param, whose layout the caller fixes (NCHW); the conv then
+    writes a buffer of its own and a copy-out block (its epilogue from now on) writes the
+    param."""
+    if not c.epilogue:
+        c.epilogue = [c.sch.cache_write(c.conv, 0, "global")]
+
+
 def schedule_pad(c: Conv, lanes: int) -> None:
     """A padding copy runs as its own parallel, vectorized stage (inlined into the conv it
     would put a bounds test in the inner loop); a copy that pads nothing is inlined."""
@@ -241,6 +250,7 @@ def schedule_channel_vector(c: Conv, vb: int, nv: int, nw: int) -> None:
     pack_input(sch, c.conv, sch.get(c.conv).reads[1].source,
                lambda o, i, h, w: (o // t, i, h, w, o % t))
     # channels innermost in the accumulator tile, so each accumulator is one register
+    private_output(c)
     sch.transform_layout(c.conv, ("write", 0), lambda n, o, h, w: (n, h, w, o))
     out = output_block(c)
     n, o, h, w = sch.get_loops(out)
@@ -271,6 +281,7 @@ def schedule_pointwise(c: Conv, vb: int, no: int, nwv: int) -> None:
     sch, width = c.sch, c.ow
     pack_input(sch, c.conv, sch.get(c.conv).reads[1].source,
                lambda o, i, h, w: (o // no, i, h, w, o % no))
+    private_output(c)
     sch.transform_layout(c.conv, ("write", 0), lambda n, o, h, w: (n, o, h * width + w))
     sch.transform_block_layout(c.conv, lambda n, o, h, w, i, r, s: (n, o, h * width + w, i, r, s))
     out = output_block(c)
