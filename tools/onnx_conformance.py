@@ -19,6 +19,9 @@ graphc compiles for static shapes, so an input that the frontend must know at lo
 time (a Reshape's shape, a Slice's starts, a TopK's k: the op's `static` inputs in
 graphc/frontends/onnx_ops*.py) is made an initializer holding the test's value, as in
 an exported model. Such cases are counted ('frozen'); --no-freeze runs them as given.
+Cases written for an opset below 13 (which graphc refuses, telling the user to run
+onnx.version_converter) are converted to opset 13 first, as that message says; a case
+the converter cannot convert stays as it is, and graphc's refusal counts.
 
 Outcomes: pass (shape, dtype and values match, np.testing.assert_allclose with the
 case's rtol/atol: 1e-3/1e-7 for all node tests), wrong (any mismatch), unsupported
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx.version_converter
 from onnx import TensorProto
 
 ORDINARY = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT8, TensorProto.INT16,
@@ -64,6 +69,7 @@ class Case:
     rtol: float
     atol: float
     frozen: list[str] = field(default_factory=list)
+    converted: bool = False  # upgraded to MIN_OPSET with onnx.version_converter
 
 
 def collect() -> tuple[list[Case], collections.Counter]:
@@ -81,10 +87,22 @@ def collect() -> tuple[list[Case], collections.Counter]:
             skipped[reason] += 1
             continue
         base = re.sub(r"_expanded(_ver\d+)?$", "", t.name)
-        inputs, outputs = t.data_sets[0]
+        g = t.model.graph
+        inputs, outputs = (_as_declared(arrs, vis) for arrs, vis in
+                           zip(t.data_sets[0], (g.input, g.output)))
         cases.append(Case(t.name, op_of.get(base, t.model.graph.node[0].op_type), t.model,
-                          list(inputs), list(outputs), t.rtol, t.atol))
+                          inputs, outputs, t.rtol, t.atol))
     return cases, skipped
+
+
+def _as_declared(arrays, value_infos) -> list[np.ndarray]:
+    """Test arrays in the graph's declared dtypes (a few cases hold numbers as objects)."""
+    out = []
+    for arr, vi in zip(arrays, value_infos):
+        arr = onnx.numpy_helper.to_array(arr) if isinstance(arr, TensorProto) else arr
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        out.append(np.asarray(arr).astype(dtype) if np.asarray(arr).dtype == object else arr)
+    return out
 
 
 def _type_reason(tp: onnx.TypeProto) -> str | None:
@@ -144,8 +162,24 @@ def freeze_static_inputs(case: Case) -> Case:
         arr = case.inputs[feeds[name]]
         model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(arr), name))
     inputs = [x for vi, x in zip(g.input, case.inputs) if vi.name not in static]
-    return Case(case.name, case.op, model, inputs, case.outputs, case.rtol, case.atol,
-                sorted(static, key=feeds.get))
+    return dataclasses.replace(case, model=model, inputs=inputs,
+                               frozen=sorted(static, key=feeds.get))
+
+
+def upgrade_opset(case: Case) -> Case:
+    """An opset < 13 case converted to opset 13, as graphc's refusal tells users to do."""
+    from graphc.frontends.onnx import MIN_OPSET
+
+    opset = next((o.version for o in case.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= MIN_OPSET:
+        return case
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = onnx.version_converter.convert_version(case.model, MIN_OPSET)
+    except Exception:  # noqa: BLE001  not convertible: graphc's own refusal is the outcome
+        return case
+    return dataclasses.replace(case, model=model, converted=True)
 
 
 def _run_backend(case: Case, backend: str) -> list[np.ndarray]:
@@ -223,7 +257,7 @@ def _is_refusal(e: BaseException) -> bool:
 
 
 def run_case(case: Case, backend: str) -> dict:
-    rec = {"name": case.name, "op": case.op, "frozen": case.frozen}
+    rec = {"name": case.name, "op": case.op, "frozen": case.frozen, "converted": case.converted}
     try:
         why = compare(_run_backend(case, backend), case.outputs, case.rtol, case.atol)
         rec.update(status="wrong" if why else "pass", detail=why or "")
@@ -276,8 +310,8 @@ def _reap(cases: list[Case], entry, fd: int) -> dict:
         return json.loads(data)
     case = cases[i]
     why = "timeout" if start < 0 else f"died: {os.waitstatus_to_exitcode(status)}"
-    return {"name": case.name, "op": case.op, "frozen": case.frozen, "status": "crash",
-            "detail": why}
+    return {"name": case.name, "op": case.op, "frozen": case.frozen,
+            "converted": case.converted, "status": "crash", "detail": why}
 
 
 def summarize(results: list, skipped: collections.Counter, backend: str) -> str:
@@ -286,7 +320,9 @@ def summarize(results: list, skipped: collections.Counter, backend: str) -> str:
     lines = [f"filtered out (not ordinary dtypes): {sum(skipped.values())}"]
     lines += [f"  {k}: {v}" for k, v in skipped.most_common()]
     frozen = sum(bool(r["frozen"]) for r in results)
-    lines.append(f"ordinary-dtype cases: {n} ({frozen} with shape inputs frozen as constants)")
+    converted = sum(r["converted"] for r in results)
+    lines.append(f"ordinary-dtype cases: {n} ({frozen} with shape inputs frozen as constants, "
+                 f"{converted} converted from opsets < 13)")
     lines.append(f"backend {backend}: " + ", ".join(f"{s} {counts[s]}" for s in STATUSES)
                  + f"  ->  pass rate {100 * counts['pass'] / max(n, 1):.1f}%")
     for status in STATUSES[1:]:
@@ -341,6 +377,7 @@ def main(argv=None) -> int:
         cases = [c for c in cases if c.op in set(args.ops.split(","))]
     if args.cases:
         cases = [c for c in cases if re.search(args.cases, c.name)]
+    cases = [upgrade_opset(c) for c in cases]
     if not args.no_freeze:
         cases = [freeze_static_inputs(c) for c in cases]
     warm_up(args.backend)

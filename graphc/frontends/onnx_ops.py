@@ -150,12 +150,16 @@ def op_table() -> dict[str, OpDef]:
     """All ops, by Node.op: op_type for the default ONNX domain, "domain.op_type" else."""
     # Imported here: the families import this module's helpers.
     from graphc.frontends import (
+        onnx_ops_attention,
         onnx_ops_conv,
+        onnx_ops_elem,
+        onnx_ops_loss,
         onnx_ops_math,
         onnx_ops_nn,
         onnx_ops_quant,
         onnx_ops_shape,
     )
 
-    families = (onnx_ops_math, onnx_ops_shape, onnx_ops_nn, onnx_ops_conv, onnx_ops_quant)
+    families = (onnx_ops_math, onnx_ops_elem, onnx_ops_shape, onnx_ops_nn, onnx_ops_conv,
+                onnx_ops_quant, onnx_ops_loss, onnx_ops_attention)
     return {k: v for fam in families for k, v in fam.OPS.items()}

@@ -179,6 +179,10 @@ def _resize(node: Node, x: torch.Tensor, roi=None, scales=None, sizes=None):
     else:
         factors = [float(f) for f in scales.reshape(-1)]
         size = [math.floor(n * f) for n, f in zip(x.shape, factors)]
+        align = node.attr("coordinate_transformation_mode") == "align_corners"
+        if align and any(n * f != s for n, f, s in zip(x.shape, factors, size)):
+            # ONNX then maps with the unrounded n * scale, torch with the output size
+            raise node.unsupported("align_corners with a fractional output size", factors)
         kwargs = {"scale_factor": factors[2:], "recompute_scale_factor": False}
     if nd not in _LINEAR or list(size[:2]) != list(x.shape[:2]):
         raise node.unsupported("resized dims", size)  # torch resizes spatial dims only

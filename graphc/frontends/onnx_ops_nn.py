@@ -1,4 +1,7 @@
-"""ONNX dense and normalization ops: Gemm, MatMul, norms, Softmax, reductions, ArgMax, TopK."""
+"""ONNX dense and normalization ops: Gemm, MatMul, norms, Softmax, reductions, ArgMax, TopK.
+
+LayerNormalization, with its statistics outputs, is in onnx_ops_loss.
+"""
 
 from __future__ import annotations
 
@@ -30,14 +33,6 @@ def _batch_norm(node: Node, x, scale, bias, mean, var):
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, node.attr("epsilon", 1e-5))
 
 
-def _layer_norm(node: Node, x: torch.Tensor, scale: torch.Tensor, bias=None):
-    shape = x.shape[axis_of(node, node.attr("axis", -1), x.ndim):]
-    # ONNX lets scale/bias broadcast to the normalized shape; torch wants it exact
-    scale = scale if scale.shape == shape else scale.expand(shape)
-    bias = bias if bias is None or bias.shape == shape else bias.expand(shape)
-    return F.layer_norm(x, shape, scale, bias, node.attr("epsilon", 1e-5))
-
-
 def _instance_norm(node: Node, x, scale, bias):
     return F.instance_norm(x, weight=scale, bias=bias, eps=node.attr("epsilon", 1e-5))
 
@@ -67,6 +62,19 @@ _REDUCERS = {
 }
 
 
+def _extreme(dtype: torch.dtype, low: bool):
+    if dtype == torch.bool:
+        return not low
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    if dtype.is_floating_point:
+        return float("-inf") if low else float("inf")
+    return info.min if low else info.max
+
+
+_EMPTY_IDENTITY = {"ReduceMax": lambda dt: _extreme(dt, True),
+                   "ReduceMin": lambda dt: _extreme(dt, False)}
+
+
 def _reduce(fn) -> OpDef:
     def impl(node: Node, x: torch.Tensor, axes=None):
         # axes: an attribute up to opset 17 (ReduceSum: 12), an input from opset 18 (13)
@@ -78,7 +86,13 @@ def _reduce(fn) -> OpDef:
         if x.ndim == 0:
             return x
         dims = sorted({axis_of(node, a, x.ndim) for a in axes})
-        return fn(x, dims, bool(node.attr("keepdims", 1)))
+        keep = bool(node.attr("keepdims", 1))
+        if node.op in _EMPTY_IDENTITY and any(x.shape[d] == 0 for d in dims):
+            # torch has no identity for max/min over nothing; ONNX gives -inf / +inf
+            shape = [1 if d in dims else n for d, n in enumerate(x.shape) if keep or d not in dims]
+            return torch.full(shape, _EMPTY_IDENTITY[node.op](x.dtype), dtype=x.dtype,
+                              device=x.device)
+        return fn(x, dims, keep)
 
     return OpDef(impl, static=(1,))
 
@@ -96,9 +110,11 @@ def _arg(fn) -> OpDef:
 
 def _topk(node: Node, x: torch.Tensor, k):
     axis = axis_of(node, node.attr("axis", -1), x.ndim)
-    largest, ordered = bool(node.attr("largest", 1)), bool(node.attr("sorted", 1))
-    values, indices = torch.topk(x, int(k.item()), axis, largest, ordered)
-    return values, indices
+    largest = bool(node.attr("largest", 1))
+    # ONNX breaks ties by the lower index; torch.topk does not promise any order for them
+    values, indices = torch.sort(x, dim=axis, descending=largest, stable=True)
+    k = int(k.item())
+    return values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
 
 
 OPS: dict[str, OpDef] = {
@@ -107,7 +123,6 @@ OPS: dict[str, OpDef] = {
     "Einsum": OpDef(lambda node, *xs: torch.einsum(node.attr("equation"), *xs)),
     "BatchNormalization": OpDef(_batch_norm, stats=(3, 4)),  # running mean and var
     "InstanceNormalization": OpDef(_instance_norm),
-    "LayerNormalization": OpDef(_layer_norm),
     "Softmax": _softmax(F.softmax),
     "LogSoftmax": _softmax(F.log_softmax),
     "ArgMax": _arg(torch.argmax),

@@ -185,8 +185,12 @@ def _pad(node: Node, x: torch.Tensor, pads, value=None, axes=None):
         spec = spec[:-2]
     if not spec:
         return x
+    if mode == "constant" and isinstance(value, torch.Tensor):
+        # a pad value computed from the inputs: pad with 0, then select it in the pads
+        pads_mask = F.pad(torch.zeros_like(x, dtype=torch.bool), spec, value=True)
+        return torch.where(pads_mask, value.reshape(()).to(x.dtype), F.pad(x, spec))
     if mode == "constant":
-        return F.pad(x, spec, value=0.0 if value is None else value.item())
+        return F.pad(x, spec, value=0.0 if value is None else value)
     # torch pads in these modes only the last 1-3 dims, after 1 or 2 untouched dims
     if len(spec) // 2 > 3 or x.ndim - len(spec) // 2 not in (1, 2) or min(spec) < 0:
         raise node.unsupported(f"pads (mode={mode})", pads)
@@ -208,7 +212,7 @@ def _trilu(node: Node, x: torch.Tensor, k=None):
 def _cumsum(node: Node, x: torch.Tensor, axis: np.ndarray):
     axis = axis_of(node, int(axis.item()), x.ndim)
     x = x.flip(axis) if node.attr("reverse", 0) else x
-    out = torch.cumsum(x, axis)
+    out = torch.cumsum(x, axis).to(x.dtype)  # torch widens small ints to int64
     out = out - x if node.attr("exclusive", 0) else out
     return out.flip(axis) if node.attr("reverse", 0) else out
 
@@ -235,7 +239,7 @@ OPS: dict[str, OpDef] = {
     "Expand": OpDef(_expand, static=(1,)),
     "Tile": OpDef(lambda node, x, repeats: x.repeat(ints(repeats)), static=(1,)),
     "Range": OpDef(_range, static=(0, 1, 2)),
-    "Pad": OpDef(_pad, static=(1, 2, 3)),
+    "Pad": OpDef(_pad, static=(1, 3), scalars=(2,)),
     "Trilu": OpDef(_trilu, static=(1,)),
     "CumSum": OpDef(_cumsum, static=(1,)),
     "NonZero": OpDef(lambda node, x: torch.stack(torch.nonzero(x, as_tuple=True)), fold_only=True),
