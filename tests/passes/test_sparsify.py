@@ -130,7 +130,7 @@ def test_compile_pipeline_string_carries_the_report(net):
     # fc1's weight is [64, 128]: its rows divide by 8, its 128 columns not by 3
     ({"block": (8, 3), "mode": "kernel"},
      (r"block=\(8, 3\) does not divide the weight fc1_weight \[64, 128\] of %addmm "
-      r"\(aten.addmm\)")),
+      r"\(aten.addmm\): its 128 columns are not a multiple of 3")),
 ])
 def test_bad_options_are_rejected(net, options, message):
     _, _, g = net
