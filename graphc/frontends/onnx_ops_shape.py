@@ -154,12 +154,6 @@ def _nd_index(node: Node, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Ten
     return tuple(batch) + tuple(idx[..., k] for k in range(m))
 
 
-def _scatter_nd(node: Node, x: torch.Tensor, idx: torch.Tensor, updates: torch.Tensor):
-    if node.attr("reduction", "none") not in ("none", "add"):
-        raise node.unsupported("reduction", node.attr("reduction"))
-    return torch.index_put(x, _nd_index(node, x, idx), updates, node.attr("reduction") == "add")
-
-
 def _expand(node: Node, x: torch.Tensor, shape: np.ndarray):
     return x.expand(np.broadcast_shapes(tuple(x.shape), tuple(ints(shape))))  # bidirectional
 
@@ -235,7 +229,6 @@ OPS: dict[str, OpDef] = {
     "Gather": OpDef(_gather, scalars=(1,)),
     "GatherElements": OpDef(_gather_elements),
     "GatherND": OpDef(lambda node, x, idx: x[_nd_index(node, x, idx)]),
-    "ScatterND": OpDef(_scatter_nd),
     "Expand": OpDef(_expand, static=(1,)),
     "Tile": OpDef(lambda node, x, repeats: x.repeat(ints(repeats)), static=(1,)),
     "Range": OpDef(_range, static=(0, 1, 2)),
