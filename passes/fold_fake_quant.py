@@ -34,6 +34,7 @@ from graphc.ops_qint import quantize_reference
 from graphc.ops_quant import FAKE_QUANT_OPS
 from graphc.pass_manager import register_pass
 from graphc.passes.cleanup import dead_code_elimination
+from graphc.passes.fold_codebook import codebook_int8
 from graphc.rewrite import Match, Rule, add_weight, apply_rules, const_value, is_constant
 from graphc.verify import propagate
 
@@ -53,6 +54,7 @@ class FoldInfo:
     bias: Callable[[fx.Node], fx.Node | None]
     out_axis: int
     layout: Callable[[torch.Tensor], torch.Tensor]  # op's weight -> integer op's weight
+    layout_node: Callable  # the same on an fx node (graph, node) -> node
     sum_dims: Callable[[torch.Tensor], tuple[int, ...]] | None  # dims summed for w_sum
     build: str  # which integer op
 
@@ -61,17 +63,25 @@ def _arg(i: int) -> Callable[[fx.Node], fx.Node | None]:
     return lambda n: n.args[i] if len(n.args) > i else None
 
 
-def _same(w: torch.Tensor) -> torch.Tensor:
+def _same(w):
     return w
 
 
+def _t(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    return graph.call_function(aten.t.default, (node,))
+
+
 FOLDS: dict = {
-    aten.addmm.default: FoldInfo(1, 2, _arg(0), 1, _same, lambda w: (0,), "linear"),
-    aten.mm.default: FoldInfo(0, 1, lambda n: None, 1, _same, lambda w: (0,), "linear"),
-    aten.linear.default: FoldInfo(0, 1, _arg(2), 0, lambda w: w.t(), lambda w: (0,), "linear"),
-    aten.convolution.default: FoldInfo(0, 1, _arg(2), 0, _same,
+    aten.addmm.default: FoldInfo(1, 2, _arg(0), 1, _same, lambda g, n: n, lambda w: (0,),
+                                 "linear"),
+    aten.mm.default: FoldInfo(0, 1, lambda n: None, 1, _same, lambda g, n: n, lambda w: (0,),
+                              "linear"),
+    aten.linear.default: FoldInfo(0, 1, _arg(2), 0, lambda w: w.t(), _t, lambda w: (0,),
+                                  "linear"),
+    aten.convolution.default: FoldInfo(0, 1, _arg(2), 0, _same, lambda g, n: n,
                                        lambda w: tuple(range(1, w.dim())), "conv2d"),
-    aten.embedding.default: FoldInfo(None, 0, lambda n: None, 0, _same, None, "embedding"),
+    aten.embedding.default: FoldInfo(None, 0, lambda n: None, 0, _same, lambda g, n: n, None,
+                                     "embedding"),
 }
 
 
@@ -145,7 +155,11 @@ def _rewrite(g: Graph, m: Match) -> None:
     wq, scale = _int_weight(g, w, info)
     name = (w.name.removesuffix("_q")) + "_int8"  # %fc_weight_q
     with graph.inserting_before(node):
-        w_node = graph.get_attr(add_weight(g, name, wq, trainable=False))
+        # a shared (codebook) weight stays b-bit indices, with an int8 codebook per channel
+        w_node = codebook_int8(g, w, wq, scale, _grid(w), info.layout,
+                               lambda n: info.layout_node(graph, n))
+        if w_node is None:
+            w_node = graph.get_attr(add_weight(g, name, wq, trainable=False))
         s_node = graph.get_attr(add_weight(g, f"{name}_scale", scale, trainable=False))
         if info.build == "embedding":
             args = (w_node, s_node, node.args[1])

@@ -70,15 +70,17 @@ def _index(p, bits: int, pos):
 
 
 # ---- decode once ------------------------------------------------------------------------
-def _decode_prim(bits: int, n: int, p_len: int, groups: int, span: int) -> tirx.PrimFunc:
-    """decode(p u8[p_len], c f32[groups * 2^bits], flag i32[2], out f32[n]): out = c[fields]
+def _decode_prim(bits: int, n: int, p_len: int, groups: int, span: int,
+                 dtype: str = "float32") -> tirx.PrimFunc:
+    """decode(p u8[p_len], c[groups * 2^bits], flag i32[2], out[n]): out = c[fields]
     (element i reads codebook i // span), then flag[0] = 1. One kernel per (bits, n,
-    groups, span): weights of one size and layout share it."""
+    groups, span, dtype): weights of one size and layout share it. dtype: the codebook's,
+    float32, or int8 for a codebook on an int8 grid (fold-fake-quant after share-weights)."""
     size = 1 << bits
 
     @T.prim_func(private=True, check_well_formed=False)
-    def decode(p: T.Buffer((p_len,), "uint8"), c: T.Buffer((groups * size,), "float32"),
-               flag: T.Buffer((2,), "int32"), out: T.Buffer((n,), "float32")):
+    def decode(p: T.Buffer((p_len,), "uint8"), c: T.Buffer((groups * size,), dtype),
+               flag: T.Buffer((2,), "int32"), out: T.Buffer((n,), dtype)):
         # scheduled here: the default rules would not expect the flag's second block
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         with T.sblock("root"):
@@ -97,12 +99,13 @@ def _decode_prim(bits: int, n: int, p_len: int, groups: int, span: int) -> tirx.
     return decode
 
 
-def _decode_gv(importer, bits: int, shape, p_len: int, groups: int) -> relax.GlobalVar:
+def _decode_gv(importer, bits: int, shape, p_len: int, groups: int,
+               dtype: str = "float32") -> relax.GlobalVar:
     n = math.prod(shape)
     span = -(-shape[0] // groups) * (n // shape[0])  # elements per codebook
-    key = ("codebook-decode-prim", bits, n, groups, span)
+    key = ("codebook-decode-prim", bits, n, groups, span, dtype)
     if key not in importer.memo:
-        prim = _decode_prim(bits, n, p_len, groups, span)
+        prim = _decode_prim(bits, n, p_len, groups, span, dtype)
         importer.memo[key] = importer.block_builder.add_func(prim,
                                                              f"codebook_decode{bits}")
     return importer.memo[key]
@@ -114,12 +117,13 @@ def cache_key() -> str:
     return f"graphc.codebook/{uuid.uuid4().hex}"
 
 
-def _decode_once_func(prim: relax.GlobalVar, key: str, n: int, p_len: int, size: int):
+def _decode_once_func(prim: relax.GlobalVar, key: str, n: int, p_len: int, size: int,
+                      dtype: str = "float32"):
     """Relax function (flag, packed, codebook) -> flat dense weight, decoded on first call."""
-    flat = relax.TensorType((n,), "float32")
+    flat = relax.TensorType((n,), dtype)
     flag = relax.Var("flag", FLAG)
     packed = relax.Var("packed", relax.TensorType((p_len,), "uint8"))
-    codebook = relax.Var("codebook", relax.TensorType((size,), "float32"))
+    codebook = relax.Var("codebook", relax.TensorType((size,), dtype))
     cached = relax.Var("cached", flat)
     hit = relax.SeqExpr([relax.BindingBlock([relax.VarBinding(cached, relax.call_pure_packed(
         "vm.builtin.tensor_cache.get", tvm.ir.StringImm(key), ty_args=flat))])], cached)
@@ -151,9 +155,9 @@ def _codebook_decode(node, importer):
     n, size = math.prod(shape), 1 << bits
     key = cache_key()
     bb = importer.block_builder
-    p_len = int(packed.ty.shape[0])
-    prim = _decode_gv(importer, bits, shape, p_len, groups)
-    func = _decode_once_func(prim, key, n, p_len, groups * size)
+    p_len, dtype = int(packed.ty.shape[0]), str(codebook.ty.dtype)
+    prim = _decode_gv(importer, bits, shape, p_len, groups, dtype)
+    func = _decode_once_func(prim, key, n, p_len, groups * size, dtype)
     gv = bb.add_func(func, f"codebook_decode_once_{node.name}")
     # this executable's "decoded yet?" word, and a number no other flag has: the VM may
     # store equal constants once, and two layers must not share one flag
