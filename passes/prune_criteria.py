@@ -2,6 +2,7 @@
 
     weight_scores(g, "l1")                      {"fc1_weight": |W|, ...}
     weight_scores(g, "taylor", data=batches)    {"fc1_weight": sum over batches |W * dL/dW|}
+    weight_scores(g, "sensitivity", data=xs)    {"fc1_weight": E_r sum (W * d<r, f(x)>/dW)^2}
 
 A prunable weight is a get_attr parameter that reaches the weight operand of a layer op in
 PRUNE_OPS through layout ops only (permute / t / transpose, and the mask multiply that
@@ -24,7 +25,8 @@ from graphc.errors import GraphcError, PassError
 from graphc.ir import Graph, fetch_attr, op_name
 
 aten = torch.ops.aten
-CRITERIA = ("l1", "l2", "taylor", "random")
+CRITERIA = ("l1", "l2", "taylor", "random", "sensitivity")
+PROBES = 4  # random output directions per batch (sensitivity): averages out the noise of r
 MASKS_META = "prune_masks"  # graph.meta[MASKS_META]: {weight attr: mask buffer attr}
 
 # op -> (computed input arg, weight arg, the weight operand's reduction (input) axis)
@@ -125,8 +127,10 @@ def weight_scores(graph: Graph, criterion: str, data: Iterable | None = None,
 
     l1: |w|. l2: w^2. taylor: |w * dL/dw| summed over `data` (items: inputs, or (inputs,
     labels)), L = cross-entropy with the labels, or loss(outputs[, labels]) when `loss` is
-    given. random: uniform noise from `seed` (a baseline). Pruned entries score 0 (l1, l2,
-    taylor); random scores them 0 as well.
+    given. random: uniform noise from `seed` (a baseline). sensitivity: no labels, no loss:
+    E_r (w * d<r, f(x)>/dw)^2 over `data` with random +-1 directions r (seeded), an unbiased
+    estimate of the squared change of the outputs f(x) when w is zeroed, to first order
+    (output_products). Pruned entries score 0 (all criteria).
     """
     if criterion not in CRITERIA:
         raise PassError(f"prune: criterion={criterion!r} is unknown; choose from "
@@ -140,6 +144,12 @@ def weight_scores(graph: Graph, criterion: str, data: Iterable | None = None,
     if criterion == "random":
         gen = torch.Generator().manual_seed(seed)
         return {k: torch.rand(w.shape, generator=gen) * (w != 0) for k, w in eff.items()}
+    if criterion == "sensitivity":
+        acc = {k: torch.zeros_like(w) for k, w in eff.items()}
+        for prods in output_products(graph, data, seed=seed, weights=pws):
+            for k, v in prods.items():
+                acc[k] += v.square() / PROBES
+        return acc
     return _taylor(graph, pws, eff, data, loss)
 
 
@@ -150,11 +160,7 @@ def _taylor(graph, pws, eff, data, loss) -> dict[str, torch.Tensor]:
     items = list(data)
     if not items:
         raise PassError("prune: criterion 'taylor' got empty data; give at least one batch")
-    g = graph.copy()  # own leaf tensors: the input graph's parameters get no .grad
-    params = {pw.name: torch.nn.Parameter(fetch_attr(graph.gm, pw.name).detach().clone())
-              for pw in pws}
-    for name, p in params.items():
-        set_attr(g.gm, name, p)
+    g, params = _leaf_copy(graph, pws)
     acc = {k: torch.zeros_like(w) for k, w in eff.items()}
     for item in items:
         try:
@@ -169,6 +175,56 @@ def _taylor(graph, pws, eff, data, loss) -> dict[str, torch.Tensor]:
             if grad is not None:
                 acc[name] += (eff[name] * grad.float()).abs()
     return acc
+
+
+def _leaf_copy(graph: Graph, pws) -> tuple[Graph, dict[str, torch.nn.Parameter]]:
+    g = graph.copy()  # own leaf tensors: the input graph's parameters get no .grad
+    params = {pw.name: torch.nn.Parameter(fetch_attr(graph.gm, pw.name).detach().clone())
+              for pw in pws}
+    for name, p in params.items():
+        set_attr(g.gm, name, p)
+    return g, params
+
+
+def output_products(graph: Graph, data: Iterable | None, *, probes: int = PROBES,
+                    seed: int = 0, weights: list[PrunableWeight] | None = None):
+    """Per batch of `data` and per probe: {weight: W * dL/dW (signed)}, L = sum of <r, out>
+    over the float outputs with r a fresh random +-1 tensor of each output's shape.
+
+    Why: removing a unit changes the outputs by about J*a (first order). Summed over the
+    unit's entries, W * dL/dW is r . (J*a), and E_r[(r . v)^2] = |v|^2 for independent +-1
+    entries, so squares of these sums (averaged over probes, summed over batches) estimate
+    the squared output change without labels or a teacher loss (a distillation loss to the
+    unpruned model itself has zero gradient there). Per sample r are independent, so one
+    backward per probe covers a whole batch. Labels in the items are ignored.
+    """
+    if data is None:
+        raise PassError("prune: criterion 'sensitivity' needs data (batches of inputs) to "
+                        "compute output gradients; pass data=... or calibration=...")
+    items = list(data)
+    if not items:
+        raise PassError("prune: criterion 'sensitivity' got empty data; give at least one "
+                        "batch")
+    pws = prunable_weights(graph) if weights is None else weights
+    g, params = _leaf_copy(graph, pws)
+    eff = {pw.name: effective_weight(graph, pw).float() for pw in pws}
+    gen = torch.Generator().manual_seed(seed)
+    for item in items:
+        try:
+            inputs, _ = split_item(item, g)
+        except GraphcError as e:
+            raise PassError(f"prune (sensitivity): {e}") from e
+        outs = g.gm(*inputs)
+        outs = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs])
+                if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        for k in range(probes):
+            dirs = [torch.randint(0, 2, o.shape, generator=gen).to(o.dtype) * 2 - 1
+                    for o in outs]
+            value = sum((o * r).sum() for o, r in zip(outs, dirs))
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True,
+                                        retain_graph=k + 1 < probes)
+            yield {name: eff[name] * grad.float() for name, grad in zip(params, grads)
+                   if grad is not None}
 
 
 def _loss(out, labels, loss) -> torch.Tensor:

@@ -8,7 +8,12 @@ The groups of coupled channels come from passes/prune_groups.py; a group's chann
 the sum, over its layer weights, of the element importance of passes/prune_criteria.py
 (weight_scores) summed over the other axes. scope="layer" removes `sparsity` of each group;
 scope="global" ranks channels of all groups together (each group's scores divided by their
-mean, so wide and narrow layers compare). A group always keeps at least `round_to` (>= 1)
+mean, so wide and narrow layers compare). criterion="sensitivity" scores a channel by the
+squared change of the graph's outputs when the channel is removed, to first order, over
+calibration batches (no labels): E_r (sum of W * d<r, f>/dW over the entries of the layers
+that read the channel)^2 with random +-1 directions r (prune_criteria.output_products).
+Those scores share one unit across groups, so scope="global" ranks them unnormalized.
+A group always keeps at least `round_to` (>= 1)
 channels. The rewrite and report (graph.meta["prune"]) are in passes/prune_slice.py.
 """
 
@@ -28,7 +33,7 @@ from graphc.passes.prune_groups import Dependencies, Group, find_groups
 from graphc.passes.prune_slice import apply_pruning, prune_report
 
 log = logging.getLogger("graphc")
-CRITERIA = ("l1", "l2", "taylor", "random")
+CRITERIA = ("l1", "l2", "taylor", "random", "sensitivity")
 
 
 @register_pass("prune-channels")
@@ -40,7 +45,8 @@ def prune_channels(graph: Graph, *, sparsity: float = 0.5, criterion: str = "l1"
 
     sparsity: fraction of each group's channels to remove (scope="layer") or of all
     prunable channels (scope="global"). criterion: l1, l2, taylor (needs calibration
-    batches with labels), random. include / exclude: fnmatch patterns on layer node or
+    batches with labels), random, sensitivity (output change on calibration batches, no
+    labels needed; the data-aware choice for embedding models). include / exclude: fnmatch patterns on layer node or
     weight names. unit: "channel", or "head" (only attention heads, [..., heads, d] views).
     round_to: kept channels per group are a multiple of it (8 suits CPU vector widths).
     """
@@ -52,8 +58,13 @@ def prune_channels(graph: Graph, *, sparsity: float = 0.5, criterion: str = "l1"
                  ", ".join(row["layers"]), row["skipped"])
     if not groups:
         return graph
-    scores = _scores(graph, deps, groups, criterion, calibration)
-    keep = _choose(groups, scores, sparsity, scope, round_to)
+    if criterion == "sensitivity":
+        scores = _sensitivity(graph, groups, calibration if calibration is not None
+                              else graph.meta.get("calibration"))
+    else:
+        scores = _scores(graph, deps, groups, criterion, calibration)
+    keep = _choose(groups, scores, sparsity, scope, round_to,
+                   normalize=criterion != "sensitivity")
     if all(len(keep[g.id]) == g.size for g in groups):
         return graph
     out = apply_pruning(graph, deps, keep)
@@ -129,6 +140,34 @@ def _scores(graph: Graph, deps: Dependencies, groups: list[Group], criterion: st
     return out
 
 
+def _sensitivity(graph: Graph, groups: list[Group], data) -> dict[int, torch.Tensor]:
+    """Per group channel: the mean over probes, summed over batches, of the squared signed
+    sum of W * d<r, f>/dW over the channel's entries in its consumers (the weights that read
+    it on their input axis: zeroing those removes the channel exactly; its producer rows
+    would count the same removal twice). A group without consumers uses all its weights."""
+    from graphc.passes.prune_criteria import PROBES, output_products, prunable_weights
+
+    if data is None:
+        raise PassError("pass 'prune-channels': criterion 'sensitivity' needs calibration "
+                        "batches (inputs only is fine); pass calibration=[...]")
+    red = {pw.name: pw.reduction_dim for pw in prunable_weights(graph)}
+    readers = {}
+    for g in groups:
+        ms = [m for m in g.members if m.kind == "weight" and m.weight in red]
+        readers[g.id] = [m for m in ms if red[m.weight] == m.axis] or ms
+    acc = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    for prods in output_products(graph, data):
+        for g in groups:
+            s = torch.zeros(g.size, dtype=torch.float64)
+            for m in readers[g.id]:
+                e = prods[m.weight].double()
+                per = e.sum(dim=[d for d in range(e.dim()) if d != m.axis]) if e.dim() > 1 else e
+                sel = m.index >= 0
+                s.index_add_(0, m.index[sel], per[sel])
+            acc[g.id] += s.square() / PROBES
+    return acc
+
+
 def _weight_scores(graph, criterion, calibration) -> dict[str, torch.Tensor]:
     try:
         from graphc.passes.prune_criteria import weight_scores
@@ -142,12 +181,14 @@ def _weight_scores(graph, criterion, calibration) -> dict[str, torch.Tensor]:
 
 
 def _choose(groups: list[Group], scores: dict, sparsity: float, scope: str,
-            round_to: int) -> dict[int, list[int]]:
-    """{group id: kept channels, sorted}."""
+            round_to: int, normalize: bool = True) -> dict[int, list[int]]:
+    """{group id: kept channels, sorted}. normalize: divide each group's scores by their
+    mean before a global ranking (weight scores of different layers are not comparable)."""
     if scope == "layer":
         counts = {g.id: g.size - math.floor(sparsity * g.size) for g in groups}
     else:
-        norm = {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-30) for g in groups}
+        norm = {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-30) if normalize
+                else scores[g.id] for g in groups}
         ranked = sorted((float(v), g.id) for g in groups for v in norm[g.id])
         total, removed = len(ranked), {g.id: 0 for g in groups}
         for _, gid in ranked[:math.floor(sparsity * total)]:

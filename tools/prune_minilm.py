@@ -18,13 +18,42 @@ import graphc
 from graphc.passes.prune_slice import format_prune_report
 from graphc.passes.prune_structured import prune_channels
 from tests.models.minilm import encoder, real_sentences
-from tools.factorize_minilm import batches, cosine, doc_sentences, latency
+from tools.factorize_minilm import batches, cosine, doc_sentences, latency, pydoc_sentences
+
+
+def hidden_states(g) -> list[str]:
+    """Each encoder layer's output: the last layer norm of every block (shapes kept by
+    pruning, so student and teacher nodes match one to one)."""
+    norms = [n for n in g.gm.graph.nodes if n.op == "call_function"
+             and "layer_norm" in str(n.target)]
+    # [embeddings, attention 0, output 0, attention 1, ...]; native_layer_norm is a tuple
+    return [next((u.name for u in n.users if u.args[1:] == (0,)), n.name) for n in norms[2::2]]
+
+
+def distill(args, p, g, train):
+    t0 = time.perf_counter()
+    feats = hidden_states(p) if args.features else None
+    r = graphc.distill(p, g, train, epochs=args.epochs, loss="cosine", lr=args.lr,
+                       features=feats)
+    print(f"distilled {args.epochs} epoch(s) on {args.train} {args.data} sentences "
+          f"(lr {args.lr}{', hidden-state features' if feats else ''}) in "
+          f"{time.perf_counter() - t0:.0f} s (loss {r.curve['loss'][0]:.4f} -> "
+          f"{r.curve['loss'][-1]:.4f})", flush=True)
+    return r.student
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", type=float, default=0.25, help="fraction of heads removed")
     ap.add_argument("--ffn", type=float, default=0.25, help="fraction of FFN channels removed")
+    ap.add_argument("--criterion", default="l1", help="prune-channels criterion (l1, "
+                    "sensitivity: output change on the calibration batches)")
+    ap.add_argument("--scope", choices=["layer", "global"], default="layer")
+    ap.add_argument("--calib", type=int, default=16, help="calibration batches (of 8)")
+    ap.add_argument("--data", choices=["docstrings", "pydoc"], default="docstrings",
+                    help="distillation/calibration text (tools/factorize_minilm.py)")
+    ap.add_argument("--features", action="store_true",
+                    help="also match every layer's hidden state (its last layer norm)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--train", type=int, default=400)
@@ -32,27 +61,28 @@ def main() -> None:
     ap.add_argument("--skip-latency", action="store_true")
     args = ap.parse_args()
     evals = real_sentences(200)
-    train, test = batches(doc_sentences(set(evals), args.train)), batches(evals)
+    source = pydoc_sentences if args.data == "pydoc" else doc_sentences
+    train, test = batches(source(set(evals), args.train)), batches(evals)
+    calib = train[:args.calib]
     enc = encoder()
     g = graphc.trace(enc, test[0])
     ref = [g(*b)[0].detach() for b in test]
     t0 = time.perf_counter()
-    h = prune_channels(g, sparsity=args.heads, unit="head")
+    opts = {"criterion": args.criterion, "scope": args.scope, "calibration": calib}
+    h = prune_channels(g, sparsity=args.heads, unit="head", **opts)
     print(format_prune_report(h.meta["prune"]))
-    p = prune_channels(h, sparsity=args.ffn, round_to=8)
+    p = prune_channels(h, sparsity=args.ffn, round_to=8, **opts)
     print(format_prune_report(p.meta["prune"]))
     before = cosine(p, ref, test)
     print(f"pruned in {time.perf_counter() - t0:.1f} s; params {g.stats()['params']:,} -> "
           f"{p.stats()['params']:,}; mean cosine to fp32 over {len(evals)} sentences before "
           f"distillation {before:.4f}", flush=True)
-    t0 = time.perf_counter()
-    r = graphc.distill(p, g, train, epochs=args.epochs, loss="cosine", lr=args.lr)
-    after = cosine(r.student, ref, test)
-    print(f"distilled {args.epochs} epoch(s) on {args.train} docstring sentences in "
-          f"{time.perf_counter() - t0:.0f} s (loss {r.curve['loss'][0]:.4f} -> "
-          f"{r.curve['loss'][-1]:.4f}); mean cosine after {after:.4f}", flush=True)
+    student = p if args.epochs == 0 else distill(args, p, g, train)
+    after = cosine(student, ref, test)
+    if args.epochs:
+        print(f"mean cosine after distillation {after:.4f}", flush=True)
     if not args.skip_latency:
-        dense, pruned = latency(g, args.repeat), latency(r.student, args.repeat)
+        dense, pruned = latency(g, args.repeat), latency(student, args.repeat)
         print(f"whole model, batch 8 x seq 64, cpu: {dense:.2f} ms -> {pruned:.2f} ms "
               f"({pruned / dense:.3f}x)")
 
