@@ -83,3 +83,33 @@ def _adaptive_max_pool2d(node, importer) -> relax.Expr:
         out = bb.emit(relax.op.squeeze(out, [0]))
     indices = relax.op.zeros(out.ty.shape, "int64")  # never read: refused above
     return bb.emit(relax.Tuple([out, bb.emit(indices)]))
+
+
+def _reduce_dims(node, x: relax.Expr):
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return [d % x.ty.ndim for d in dims] or None, bool(keep)
+
+
+# aten.amax / aten.amin (max/min over several dims, no indices): no converter in TVM 0.27.
+@register_lowering("aten::amax")
+def _amax(node, importer) -> relax.Expr:
+    x = importer.env[node.args[0]]
+    return importer.block_builder.emit(relax.op.max(x, *_reduce_dims(node, x)))
+
+
+@register_lowering("aten::amin")
+def _amin(node, importer) -> relax.Expr:
+    x = importer.env[node.args[0]]
+    return importer.block_builder.emit(relax.op.min(x, *_reduce_dims(node, x)))
+
+
+# aten.sort.stable (what torch.sort(stable=True) exports): no converter. argsort is stable
+# on CPU (ties keep the lower index first, descending too); the values are gathered by it.
+@register_lowering("aten::sort.stable")
+def _sort_stable(node, importer) -> relax.Expr:
+    x = importer.env[node.args[0]]
+    dim = node.kwargs.get("dim", -1) % x.ty.ndim
+    bb = importer.block_builder
+    idx = bb.emit(relax.op.argsort(x, dim, bool(node.kwargs.get("descending", False)), "int64"))
+    return bb.emit(relax.Tuple([bb.emit(relax.op.gather_elements(x, idx, dim)), idx]))

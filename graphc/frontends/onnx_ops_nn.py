@@ -75,6 +75,10 @@ _EMPTY_IDENTITY = {"ReduceMax": lambda dt: _extreme(dt, True),
                    "ReduceMin": lambda dt: _extreme(dt, False)}
 
 
+_BOOL_REDUCERS = {"ReduceMax": lambda x, d, k: x.any(d, keepdim=k),
+                  "ReduceMin": lambda x, d, k: x.all(d, keepdim=k)}
+
+
 def _reduce(fn) -> OpDef:
     def impl(node: Node, x: torch.Tensor, axes=None):
         # axes: an attribute up to opset 17 (ReduceSum: 12), an input from opset 18 (13)
@@ -92,6 +96,8 @@ def _reduce(fn) -> OpDef:
             shape = [1 if d in dims else n for d, n in enumerate(x.shape) if keep or d not in dims]
             return torch.full(shape, _EMPTY_IDENTITY[node.op](x.dtype), dtype=x.dtype,
                               device=x.device)
+        if x.dtype == torch.bool and node.op in _BOOL_REDUCERS:  # max/min of bools: any/all
+            return _BOOL_REDUCERS[node.op](x, dims, keep)
         return fn(x, dims, keep)
 
     return OpDef(impl, static=(1,))
