@@ -27,6 +27,7 @@ one more link of the chain.
 from __future__ import annotations
 
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from .lower_codebook import DECODE_ONCE
@@ -75,7 +76,7 @@ def _rewrite_block(block, once: dict, uses: dict, bb: relax.BlockBuilder) -> lis
         if not chain:
             continue
         last = bindings[chain[-1]]
-        func = _extend(once[call.op], [bindings[j] for j in chain], b.var)
+        func = _extend(once[call.op], [bindings[j] for j in chain], b.var, bb.get())
         gv = bb.add_func(func, f"{call.op.name_hint}_{last.var.name}")
         replace[i] = relax.VarBinding(last.var, relax.Call(gv, call.args))
         drop.update(chain)
@@ -116,10 +117,13 @@ def _pure_op(call: relax.Call) -> bool:
     return False
 
 
-def _extend(func: relax.Function, links, start: relax.Var) -> relax.Function:
+def _extend(func: relax.Function, links, start: relax.Var, mod: tvm.IRModule
+            ) -> relax.Function:
     """func with `links` (main's bindings, reading `start` first) appended to its first-call
     branch, caching and returning the last link's value."""
-    key = str(func.attrs[DECODE_ONCE])
+    # the cached tensor is now in the links' layout: its name says which (two compiles of
+    # one model, e.g. tuned and not, must not share a cache entry)
+    key = f"{func.attrs[DECODE_ONCE]}/{_layout_hash(links, mod)}"
     seq = func.body
     (block,) = seq.blocks
     *pre, test = block.bindings
@@ -146,7 +150,19 @@ def _extend(func: relax.Function, links, start: relax.Var) -> relax.Function:
     result = relax.Var("weight", ty)
     body = relax.SeqExpr([relax.BindingBlock([*pre, relax.VarBinding(
         result, relax.If(cond.cond, hit, miss))])], result)
-    return relax.Function(func.params, body, ty, func.is_pure, func.attrs)
+    attrs = tvm.ir.make_node("ir.DictAttrs", **{**dict(func.attrs), DECODE_ONCE: key})
+    return relax.Function(func.params, body, ty, func.is_pure, attrs)
+
+
+def _layout_hash(links, mod: tvm.IRModule) -> str:
+    """Structural hash of the links: the kernels they call and how."""
+    parts = []
+    for link in links:
+        call = link.value
+        kernel = call.args[0] if call.op.name == "relax.call_tir" else None
+        parts.append(tvm_ffi.structural_hash(mod[kernel]) if kernel is not None else 0)
+        parts.append(tvm_ffi.structural_hash(call.ty_args))
+    return f"{abs(hash(tuple(parts))):x}"
 
 
 def _substitute(call: relax.Call, subst: dict) -> relax.Call:

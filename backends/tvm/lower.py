@@ -83,6 +83,7 @@ class _Importer(ExportedProgramImporter):
         self.rules = rules
         self.target = target
         self.memo: dict = {}  # values rules derive once and share between nodes (lower_quant)
+        self.ep: torch.export.ExportedProgram | None = None  # what is being imported
         self.node: fx.Node | None = None
         short_names = set(self.builtin) | {key.split(".", 1)[1] for key in rules}
         self.convert_map = {name: self._convert for name in short_names}
@@ -115,6 +116,7 @@ def import_program(ep: torch.export.ExportedProgram,
     """Convert a core-ATen ExportedProgram to a Relax module whose `main` takes the user inputs
     (weights become constants) and returns a tuple of the user outputs."""
     importer = _Importer(dict(LOWERINGS), target)
+    importer.ep = ep
     for node in ep.graph.nodes:
         if node.op == "call_function" and not importer.lowerable(node):
             raise UnsupportedOpError(f"tvm backend: no lowering for {target_key(node.target)} "

@@ -32,11 +32,13 @@ so one kernel body serves both layouts (G = 1: the offset is 0).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import uuid
 
 import numpy as np
+import torch
 import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.script import tirx as T
@@ -111,10 +113,35 @@ def _decode_gv(importer, bits: int, shape, p_len: int, groups: int,
     return importer.memo[key]
 
 
-def cache_key() -> str:
-    """A name no other compiled weight has (the weights are not known yet at import: they
-    are bound as constants after it)."""
-    return f"graphc.codebook/{uuid.uuid4().hex}"
+def cache_key(importer=None, name: str = "") -> str:
+    """The tensor-cache name of one decoded weight: the digest of the imported program's
+    weights and the node's name, so the same compile gives the same lib.so (and another
+    model another name). decode_chain.py appends a hash of the layout it caches. Without an
+    importer: a random name."""
+    if importer is None or importer.ep is None:
+        return f"graphc.codebook/{uuid.uuid4().hex}"
+    return f"graphc.codebook/{weights_digest(importer)[:16]}/{name}"
+
+
+def weights_digest(importer) -> str:
+    """sha256 over the names and bytes of every tensor of the program (once per import)."""
+    if "weights-digest" not in importer.memo:
+        ep, h = importer.ep, hashlib.sha256()
+        tensors = {**ep.state_dict, **ep.constants}
+        for name in sorted(tensors):
+            t = tensors[name]
+            if isinstance(t, torch.Tensor):
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        importer.memo["weights-digest"] = h.hexdigest()
+    return importer.memo["weights-digest"]
+
+
+def flag_constant(importer) -> relax.Constant:
+    """A decode-once layer's "decoded yet?" flag: [0, a number no other flag of this module
+    has] (the VM may store equal constants once, and two layers must not share a flag)."""
+    ids = importer.memo.setdefault("decode-flag-ids", itertools.count(1))
+    return relax.const(np.array([0, next(ids)], np.int32))
 
 
 def _decode_once_func(prim: relax.GlobalVar, key: str, n: int, p_len: int, size: int,
@@ -153,15 +180,13 @@ def _codebook_decode(node, importer):
     codebook, packed, bits, shape = _args(node, importer)
     codebook, groups = _flat_codebook(codebook, importer)
     n, size = math.prod(shape), 1 << bits
-    key = cache_key()
+    key = cache_key(importer, node.name)
     bb = importer.block_builder
     p_len, dtype = int(packed.ty.shape[0]), str(codebook.ty.dtype)
     prim = _decode_gv(importer, bits, shape, p_len, groups, dtype)
     func = _decode_once_func(prim, key, n, p_len, groups * size, dtype)
     gv = bb.add_func(func, f"codebook_decode_once_{node.name}")
-    # this executable's "decoded yet?" word, and a number no other flag has: the VM may
-    # store equal constants once, and two layers must not share one flag
-    flag = relax.const(np.array([0, next(_FLAG_IDS)], np.int32))
+    flag = flag_constant(importer)
     flat = bb.emit(relax.Call(gv, [flag, packed, codebook]))
     return bb.emit(op.reshape(flat, shape))
 

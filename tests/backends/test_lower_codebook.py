@@ -150,3 +150,18 @@ def test_decoded_weights_are_relaid_out_once_not_per_call(monkeypatch):
     assert len(layers) == 2 and all(k.endswith("_prepacked") for k in layers)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), s(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_two_layouts_of_one_shared_model_do_not_share_a_cache_entry():
+    """The tensor cache is process-wide and the cached weight is in its kernels' layout: the
+    same shared model built for two CPUs with different vector widths (different packing)
+    in one process must not read each other's entries (decode_chain adds a layout hash)."""
+    torch.manual_seed(0)
+    m, x = DecodedConvLinear().eval(), torch.randn(2, 8, 6, 6)
+    s = share_weights(graphc.trace(m, (x,)), bits=4, lowering="decode", min_size=0)
+    wide = graphc.compile(s, target="cpu")
+    narrow = graphc.compile(s, target={"kind": "llvm", "mcpu": "x86-64", "num-cores": 2})
+    with torch.no_grad():
+        want = s(x)[0]
+    for cm in (wide, narrow, wide, narrow):
+        torch.testing.assert_close(cm(x), want, rtol=1e-5, atol=1e-5)
