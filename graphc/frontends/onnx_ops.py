@@ -159,10 +159,11 @@ def op_table() -> dict[str, OpDef]:
         onnx_ops_quant,
         onnx_ops_rnn,
         onnx_ops_shape,
+        onnx_ops_signal,
         onnx_ops_spatial,
     )
 
     families = (onnx_ops_math, onnx_ops_elem, onnx_ops_shape, onnx_ops_nn, onnx_ops_conv,
                 onnx_ops_quant, onnx_ops_loss, onnx_ops_attention, onnx_ops_spatial,
-                onnx_ops_rnn)
+                onnx_ops_rnn, onnx_ops_signal)
     return {k: v for fam in families for k, v in fam.OPS.items()}
