@@ -145,8 +145,8 @@ def freeze_static_inputs(case: Case) -> Case:
 
     A shape input may reach the static slot through shape arithmetic (an expanded
     function: Sub, Div, Concat, ...): the walk goes back through producers, stopping at
-    Shape and Size (their value is the data's shape, not the data), and freezes integer
-    inputs only, never a data tensor.
+    Shape and Size (their value is the data's shape, not the data); there it freezes
+    integer inputs only, never a data tensor (a Resize's float scales feed it directly).
     """
     from graphc.frontends.onnx_ops import op_table
 
@@ -154,15 +154,15 @@ def freeze_static_inputs(case: Case) -> Case:
     feeds = {vi.name: i for i, vi in enumerate(g.input)}
     integer = {vi.name for vi in g.input if vi.type.tensor_type.elem_type in _INTEGER}
     producer = {out: n for n in g.node for out in n.output}
-    todo = [n.input[i] for n in g.node for i in getattr(op_table().get(n.op_type), "static", ())
-            if i < len(n.input) and n.input[i]]
-    seen, static = set(), set()
+    direct = [n.input[i] for n in g.node for i in getattr(op_table().get(n.op_type), "static", ())
+              if i < len(n.input) and n.input[i]]
+    todo, seen, static = list(direct), set(), set()
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        if name in feeds and name in integer:
+        if name in feeds and (name in integer or name in direct):
             static.add(name)
         elif name in producer and producer[name].op_type not in ("Shape", "Size"):
             todo += [i for i in producer[name].input if i]

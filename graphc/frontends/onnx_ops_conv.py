@@ -15,7 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from graphc.errors import UnsupportedOpError
 from graphc.frontends.onnx_ops import Node, OpDef, ints, torch_pads
+from graphc.frontends.onnx_ops_resize import resize_separable
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -168,6 +170,14 @@ def _interp_mode(node: Node, nd: int, out_sizes: list[int]) -> tuple[str, bool |
 
 
 def _resize(node: Node, x: torch.Tensor, roi=None, scales=None, sizes=None):
+    try:
+        return _interpolate(node, x, scales, sizes)
+    except UnsupportedOpError:  # not one of F.interpolate's modes: one matrix per axis
+        return resize_separable(node, x, roi, scales, sizes)
+
+
+def _interpolate(node: Node, x: torch.Tensor, scales=None, sizes=None):
+    """Resize as F.interpolate (what passes and backends recognize), or UnsupportedOpError."""
     for key, default in _RESIZE_DEFAULTS.items():
         if node.attr(key, default) != default:
             raise node.unsupported(key, node.attr(key))
