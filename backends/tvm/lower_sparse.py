@@ -35,7 +35,7 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from .lower import register_lowering
-from .lower_codebook import _FLAG_IDS, _args, _decode_once_func, cache_key
+from .lower_codebook import _args, _decode_once_func, cache_key, flag_constant
 from .schedules.isa import isa_of
 
 op = relax.op
@@ -231,9 +231,8 @@ def _sparse_decode(node, importer):
     if nnz == 0:  # all zeros: nothing to store or decode
         return relax.const(np.zeros(shape, np.float32))
     prim = bb.add_func(decode_kernel(n, nnz, mask_len), "sparse_decode")
-    func = _decode_once_func(prim, cache_key(), n, mask_len, nnz)
+    # the key is reproducible (weights digest + node), the flag this layer's own
+    func = _decode_once_func(prim, cache_key(importer, node.name), n, mask_len, nnz)
     gv = bb.add_func(func, f"sparse_decode_once_{node.name}")
-    # this layer's own "decoded yet?" flag (see lower_codebook._codebook_decode)
-    flag = relax.const(np.array([0, next(_FLAG_IDS)], np.int32))
-    flat = bb.emit(relax.Call(gv, [flag, mask, values]))
+    flat = bb.emit(relax.Call(gv, [flag_constant(importer), mask, values]))
     return bb.emit(op.reshape(flat, shape))
