@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from graphc.errors import UnsupportedOpError
 from graphc.frontends.onnx_ops import Node, OpDef, ints, torch_pads
-from graphc.frontends.onnx_ops_resize import resize_separable
+from graphc.frontends.onnx_ops_resize import resize_separable, separable_supports
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -56,10 +56,11 @@ def _conv(node: Node, x: torch.Tensor, w: torch.Tensor, b=None):
 
 
 def _conv_transpose(node: Node, x: torch.Tensor, w: torch.Tensor, b=None):
-    if node.attr("output_shape") is not None:
-        raise node.unsupported("output_shape", node.attr("output_shape"))
-    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise node.unsupported("auto_pad", node.attr("auto_pad"))
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if node.attr("output_shape") is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return _conv_transpose_to_shape(node, x, w, b)
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise node.unsupported("auto_pad", auto_pad)
     nd = w.ndim - 2
     strides, dil, begin, end = _geometry(node, x.shape[2:], w.shape[2:])
     out_pad, group = node.attr("output_padding", [0] * nd), node.attr("group", 1)
@@ -69,6 +70,29 @@ def _conv_transpose(node: Node, x: torch.Tensor, w: torch.Tensor, b=None):
     y = _CONV_T[nd](x, w, b, strides, 0, out_pad, group, dil)
     crop = tuple(slice(p, y.shape[2 + i] - q) for i, (p, q) in enumerate(zip(begin, end)))
     return y[(slice(None), slice(None)) + crop]
+
+
+def _conv_transpose_to_shape(node: Node, x: torch.Tensor, w: torch.Tensor, b=None):
+    """ConvTranspose with output_shape or SAME pads: the full output, cropped (or extended
+    by positions no input reaches) to the asked size, as the ONNX spec splits the padding."""
+    nd, n = w.ndim - 2, x.shape[2:]
+    strides, dil = node.attr("strides", [1] * nd), node.attr("dilations", [1] * nd)
+    out_pad, group = node.attr("output_padding", [0] * nd), node.attr("group", 1)
+    want = node.attr("output_shape") or [d * s for d, s in zip(n, strides)]
+    want = list(want)[-nd:]  # output_shape may list the batch and channel dims too
+    y = _CONV_T[nd](x, w, None, strides, 0, 0, group, dil)
+    for i in range(nd):
+        full = strides[i] * (n[i] - 1) + out_pad[i] + (w.shape[2 + i] - 1) * dil[i] + 1
+        total = full - want[i]
+        begin = total // 2 if node.attr("auto_pad", "NOTSET") == "SAME_UPPER" \
+            else total - total // 2
+        if begin < 0:  # the spec would pad before the first output: not implemented
+            raise node.unsupported("output_shape (larger than the full output)", want)
+        extra = begin + want[i] - y.shape[2 + i]  # positions past what any input reaches
+        if extra > 0:
+            y = F.pad(y, [0, 0] * (nd - 1 - i) + [0, extra])
+        y = y.narrow(2 + i, begin, want[i])
+    return y if b is None else y + b.reshape([1, -1] + [1] * nd)
 
 
 def _out_size(n: int, k: int, s: int, d: int, b: int, e: int, ceil: bool) -> int:
@@ -115,23 +139,29 @@ def _max_pool(node: Node, x: torch.Tensor):
     return pool(x, p.kernel, p.strides, 0, p.dil)
 
 
-def _divisor(n: int, o: int, k: int, s: int, b: int, e: int, include_pad: bool) -> np.ndarray:
+def _divisor(n: int, o: int, k: int, s: int, b: int, e: int, d: int,
+             include_pad: bool) -> np.ndarray:
     """How many elements ONNX averages over in each output window along one dim."""
     lo, hi = (-b, n + e) if include_pad else (0, n)
-    starts = np.arange(o) * s - b
-    return np.minimum(starts + k, hi) - np.maximum(starts, lo)
+    taps = (np.arange(o) * s - b)[:, None] + np.arange(k) * d  # every window's positions
+    return ((taps >= lo) & (taps < hi)).sum(1)
 
 
 def _avg_pool(node: Node, x: torch.Tensor):
     p = _pool(node, x)
-    if any(d != 1 for d in p.dil):
-        raise node.unsupported("dilations", p.dil)  # torch's avg_pool has none
     include_pad, pool = bool(node.attr("count_include_pad", 0)), _AVG_POOL[len(p.kernel)]
-    if p.native:
+    dilated = any(d != 1 for d in p.dil)
+    if p.native and not dilated:
         return pool(x, p.kernel, p.strides, p.begin, p.ceil, count_include_pad=include_pad)
     # sum the windows over explicit zero pads, then divide by ONNX's element counts
-    y = pool(F.pad(x, torch_pads(p.begin, p.explicit_end)), p.kernel, p.strides, 0)
-    dims = zip(x.shape[2:], y.shape[2:], p.kernel, p.strides, p.begin, p.end)
+    x_pad = F.pad(x, torch_pads(p.begin, p.explicit_end))
+    if dilated:  # torch's avg_pool has no dilation: a depthwise conv with a kernel of ones
+        ones = torch.ones((x.shape[1], 1, *p.kernel), dtype=x.dtype, device=x.device)
+        y = _CONV[len(p.kernel)](x_pad, ones, None, p.strides, 0, p.dil, x.shape[1])
+        y = y / math.prod(p.kernel)
+    else:
+        y = pool(x_pad, p.kernel, p.strides, 0)
+    dims = zip(x.shape[2:], y.shape[2:], p.kernel, p.strides, p.begin, p.end, p.dil)
     divisor = functools.reduce(np.multiply.outer, [_divisor(*d, include_pad) for d in dims])
     scale = math.prod(p.kernel) / divisor
     if np.all(scale == 1):
@@ -173,6 +203,8 @@ def _resize(node: Node, x: torch.Tensor, roi=None, scales=None, sizes=None):
     try:
         return _interpolate(node, x, scales, sizes)
     except UnsupportedOpError:  # not one of F.interpolate's modes: one matrix per axis
+        if not separable_supports(node):
+            raise
         return resize_separable(node, x, roi, scales, sizes)
 
 

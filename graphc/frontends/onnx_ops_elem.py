@@ -143,7 +143,29 @@ def _reverse_sequence(node: Node, x: torch.Tensor, lens: np.ndarray):
     return torch.stack(rows, b_axis)
 
 
+def _swiglu(node: Node, a: torch.Tensor, b: torch.Tensor):
+    alpha = node.attr("alpha", 1.0)
+    return a * torch.sigmoid(a if alpha == 1.0 else alpha * a) * b
+
+
+def _tensor_scatter(node: Node, cache: torch.Tensor, update: torch.Tensor, write=None):
+    """Write update into cache along axis, from write[b] on for batch b (a KV cache append)."""
+    axis = axis_of(node, node.attr("axis", -2), cache.ndim)
+    mode = node.attr("mode", "linear")
+    if mode not in ("linear", "circular"):
+        raise node.unsupported("mode", mode)
+    steps = torch.arange(update.shape[axis], device=update.device)
+    pos = steps.reshape((-1,) + (1,) * (cache.ndim - 1 - axis))
+    if write is not None:
+        pos = pos + write.reshape((-1,) + (1,) * (cache.ndim - 1))
+    if mode == "circular":
+        pos = pos % cache.shape[axis]
+    return torch.scatter(cache, axis, pos.expand(update.shape), update)
+
+
 OPS: dict[str, OpDef] = {
+    "SwiGLU": OpDef(_swiglu),
+    "TensorScatter": OpDef(_tensor_scatter),
     "Tan": _unary(torch.tan),
     "Asin": _unary(torch.asin),
     "Acos": _unary(torch.acos),

@@ -27,9 +27,21 @@ def _gemm(node: Node, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None =
     return y + (c if beta == 1.0 else c * beta)
 
 
+def _batch_norm_training(node: Node, x, scale, bias, mean, var):
+    """Normalize by the batch's statistics; also the updated running mean and variance."""
+    dims = [0] + list(range(2, x.ndim))
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    batch_mean, batch_var = x.mean(dims), x.var(dims, unbiased=False)
+    y = (x - batch_mean.reshape(shape)) * torch.rsqrt(
+        batch_var.reshape(shape) + node.attr("epsilon", 1e-5))
+    y = y * scale.reshape(shape) + bias.reshape(shape)
+    m = node.attr("momentum", 0.9)
+    return y, mean * m + batch_mean * (1 - m), var * m + batch_var * (1 - m)
+
+
 def _batch_norm(node: Node, x, scale, bias, mean, var):
     if node.attr("training_mode", 0):
-        raise node.unsupported("training_mode", 1)
+        return _batch_norm_training(node, x, scale, bias, mean, var)
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, node.attr("epsilon", 1e-5))
 
 

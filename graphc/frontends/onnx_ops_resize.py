@@ -25,6 +25,22 @@ _PASSED = ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coef
            "exclude_outside", "antialias", "extrapolation_value")
 
 
+_MODES = {
+    "mode": ("nearest", "linear", "cubic"),
+    "coordinate_transformation_mode": ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel",
+                                       "align_corners", "asymmetric", "tf_crop_and_resize"),
+    "nearest_mode": ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"),
+    "keep_aspect_ratio_policy": ("stretch", "not_larger", "not_smaller"),
+}
+_DEFAULTS = {"mode": "nearest", "coordinate_transformation_mode": "half_pixel",
+             "nearest_mode": "round_prefer_floor", "keep_aspect_ratio_policy": "stretch"}
+
+
+def separable_supports(node: Node) -> bool:
+    """Whether the node's modes are ones this opset's spec (and its reference) defines."""
+    return all(node.attr(k, _DEFAULTS[k]) in ok for k, ok in _MODES.items())
+
+
 def _reference_1d(node: Node, n_in: int, roi, scale, size, extrapolation: float):
     """The reference Resize along axis 1 of a [rows, n_in] float64 input, as a function."""
     attrs = {k: node.attrs[k] for k in _PASSED if k in node.attrs}

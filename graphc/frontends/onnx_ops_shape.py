@@ -192,8 +192,8 @@ def _pad(node: Node, x: torch.Tensor, pads, value=None, axes=None):
 
 
 def _dropout(node: Node, x: torch.Tensor, ratio=None, training=None):
-    if training is not None and training.item():
-        raise node.unsupported("training_mode", True)
+    if training is not None and training.item() and (ratio is None or ratio.item() != 0):
+        raise node.unsupported("training_mode", True)  # random unless the ratio is 0
     wants_mask = len(node.outputs) > 1 and node.outputs[1]
     return (x, torch.ones_like(x, dtype=torch.bool)) if wants_mask else x
 

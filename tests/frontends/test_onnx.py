@@ -502,7 +502,7 @@ def test_dynamic_dims_need_input_shapes():
     ("MaxPool", {"x": f32(1, 1, 4, 4)}, {"kernel_shape": [2, 2], "storage_order": 1}, (), 17,
      r"MaxPool node 'the_maxpool' .*storage_order=1"),
     ("Resize", {"x": f32(1, 1, 4, 4), "r": None, "s": np.array([1, 1, 0.5, 0.5], np.float32)},
-     {"mode": "linear", "antialias": 1}, ("s",), 18, r"Resize node 'the_resize' .*antialias=1"),
+     {"mode": "area"}, ("s",), 18, r"Resize node 'the_resize' .*mode='area'"),
     ("Resize", {"x": f32(1, 1, 4, 4), "r": None, "s": np.array([1, 1, 2, 2], np.float32)},
      {"coordinate_transformation_mode": "tf_half_pixel_for_nn"}, ("s",), 17,
      "coordinate_transformation_mode, nearest_mode"),
@@ -510,7 +510,7 @@ def test_dynamic_dims_need_input_shapes():
      "training_mode=True"),
     ("LayerNormalization", {"x": f32(2, 3), "s": f32(3)}, {"stash_type": 0}, ("s",), 17,
      r"stash_type=0"),
-], ids=["maxpool_storage_order", "resize_antialias", "resize_nn_mode", "dropout_training",
+], ids=["maxpool_storage_order", "resize_area_mode", "resize_nn_mode", "dropout_training",
         "layernorm_stash_type"])
 def test_unsupported_attribute_is_named(op, values, attrs, inits, opset, match):
     outputs = 2 if op == "LayerNormalization" else 1
