@@ -104,4 +104,45 @@ def _attention(node, q, k, v, mask=None, past_k=None, past_v=None, nonpad=None):
     return outs[:n]
 
 
-OPS: dict[str, OpDef] = {"Attention": OpDef(_attention)}
+_RULES = {"linear": (False, False), "gated": (True, False), "delta": (False, True),
+          "gated_delta": (True, True)}
+
+
+def _per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, H*D] (or [B, T, H]: one value per head) -> [B, H, T, D]."""
+    b, t, hd = x.shape
+    return x.reshape(b, t, heads, hd // heads).transpose(1, 2)
+
+
+def _linear_attention(node, q, k, v, past=None, decay=None, beta=None):
+    """Recurrent (linear) attention, unrolled over the static sequence length."""
+    rule = node.attr("update_rule", "gated_delta")
+    if rule not in _RULES:
+        raise node.unsupported("update_rule", rule)
+    gating, delta = _RULES[rule]
+    qh, kvh = node.attr("q_num_heads"), node.attr("kv_num_heads")
+    if not qh or not kvh or (decay is not None) != gating or (beta is not None) != delta:
+        raise node.unsupported("heads / decay / beta for update_rule", rule)
+    q4, k4, v4 = _per_head(q, qh), _per_head(k, kvh), _per_head(v, kvh)
+    b, t, d_k, d_v = q.shape[0], q.shape[1], q4.shape[-1], v4.shape[-1]
+    g4 = _per_head(decay, kvh) if gating else None  # [B, H, T, 1 or d_k]
+    b4 = _per_head(beta, beta.shape[-1]) if delta else None  # [B, 1 or H, T, 1]
+    state = past if past is not None else q.new_zeros(b, kvh, d_k, d_v)
+    scale = node.attr("scale", 0.0) or 1 / math.sqrt(d_k)
+    outs = []
+    for i in range(t):
+        k_t, v_t = k4[:, :, i], v4[:, :, i]
+        if gating:
+            state = state * torch.exp(g4[:, :, i]).unsqueeze(-1)
+        if delta:
+            retrieved = torch.einsum("bhdm,bhd->bhm", state, k_t)
+            v_t = b4[:, :, i] * (v_t - retrieved)
+        state = state + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
+        read = state.repeat_interleave(qh // kvh, 1) if qh != kvh else state
+        outs.append(scale * torch.einsum("bhd,bhdm->bhm", q4[:, :, i], read))
+    y = torch.stack(outs, 2).transpose(1, 2).reshape(b, t, qh * d_v)
+    return y, state
+
+
+OPS: dict[str, OpDef] = {"Attention": OpDef(_attention),
+                         "LinearAttention": OpDef(_linear_attention)}
