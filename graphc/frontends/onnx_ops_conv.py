@@ -232,7 +232,21 @@ def _interpolate(node: Node, x: torch.Tensor, scales=None, sizes=None):
     return F.interpolate(x, mode=mode, align_corners=align, **kwargs)
 
 
+def _causal_conv_with_state(node: Node, x: torch.Tensor, w: torch.Tensor, b=None, past=None):
+    """A depthwise causal conv1d that continues from past_state; the new state is the tail."""
+    act = node.attr("activation", "none")
+    if act not in ("none", "silu", "swish"):
+        raise node.unsupported("activation", act)
+    k = w.shape[2]
+    pad = past if past is not None else x.new_zeros(x.shape[0], x.shape[1], k - 1)
+    padded = torch.cat([pad, x], 2)
+    y = F.conv1d(padded, w, b, groups=x.shape[1])
+    y = F.silu(y) if act != "none" else y
+    return y, padded[:, :, padded.shape[2] - (k - 1):]
+
+
 OPS: dict[str, OpDef] = {
+    "CausalConvWithState": OpDef(_causal_conv_with_state),
     "Conv": OpDef(_conv),
     "ConvTranspose": OpDef(_conv_transpose),
     "MaxPool": OpDef(_max_pool),
