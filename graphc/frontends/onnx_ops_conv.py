@@ -133,6 +133,15 @@ def _max_pool(node: Node, x: torch.Tensor):
         raise node.unsupported("storage_order", 1)
     p = _pool(node, x)
     pool = _MAX_POOL[len(p.kernel)]
+    if len(node.outputs) > 1 and node.outputs[1]:
+        if not p.native:
+            raise node.unsupported("indices output with these pads", p.begin + p.end)
+        y, idx = pool(x, p.kernel, p.strides, p.begin, p.dil, ceil_mode=p.ceil,
+                      return_indices=True)
+        # torch counts within each (n, c) plane, ONNX over the whole tensor
+        plane = math.prod(x.shape[2:])
+        offset = torch.arange(x.shape[0] * x.shape[1], device=x.device) * plane
+        return y, idx + offset.reshape(x.shape[0], x.shape[1], *[1] * (x.ndim - 2))
     if p.native:
         return pool(x, p.kernel, p.strides, p.begin, p.dil, ceil_mode=p.ceil)
     x = F.pad(x, torch_pads(p.begin, p.explicit_end), value=float("-inf"))
@@ -145,6 +154,24 @@ def _divisor(n: int, o: int, k: int, s: int, b: int, e: int, d: int,
     lo, hi = (-b, n + e) if include_pad else (0, n)
     taps = (np.arange(o) * s - b)[:, None] + np.arange(k) * d  # every window's positions
     return ((taps >= lo) & (taps < hi)).sum(1)
+
+
+def _max_unpool(node: Node, x: torch.Tensor, idx: torch.Tensor, shape=None):
+    nd = x.ndim - 2
+    kernel, strides = node.attr("kernel_shape"), node.attr("strides", [1] * nd)
+    pads = node.attr("pads", [0] * 2 * nd)
+    default = list(x.shape[:2]) + [(n - 1) * s + k - pads[i] - pads[nd + i] for i, (n, k, s)
+                                   in enumerate(zip(x.shape[2:], kernel, strides))]
+    out = ints(shape) if shape is not None else default
+    if out != default:  # indices address the default shape: same coordinates in the larger one
+        coords, rest = [], idx
+        for d in reversed(default):
+            coords.append(rest % d)
+            rest = rest // d
+        idx = functools.reduce(lambda acc, cd: acc * cd[1] + cd[0],
+                               zip(reversed(coords), out), torch.zeros_like(idx))
+    flat = x.new_zeros(math.prod(out))  # indices address the whole output tensor
+    return flat.scatter(0, idx.reshape(-1), x.reshape(-1)).reshape(out)
 
 
 def _avg_pool(node: Node, x: torch.Tensor):
@@ -251,6 +278,7 @@ OPS: dict[str, OpDef] = {
     "ConvTranspose": OpDef(_conv_transpose),
     "MaxPool": OpDef(_max_pool),
     "AveragePool": OpDef(_avg_pool),
+    "MaxUnpool": OpDef(_max_unpool, static=(2,)),
     "GlobalAveragePool": _global_pool(torch.mean),
     "GlobalMaxPool": _global_pool(torch.amax),
     "Resize": OpDef(_resize, static=(1, 2, 3)),
