@@ -164,6 +164,9 @@ def _tensor_scatter(node: Node, cache: torch.Tensor, update: torch.Tensor, write
 
 
 OPS: dict[str, OpDef] = {
+    # a plain tensor is an optional that holds a value; an absent input holds none
+    "OptionalHasElement": OpDef(lambda node, x=None: np.array(x is not None)),
+    "OptionalGetElement": OpDef(lambda node, x: x),
     "SwiGLU": OpDef(_swiglu),
     "TensorScatter": OpDef(_tensor_scatter),
     "Tan": _unary(torch.tan),
