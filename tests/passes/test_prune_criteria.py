@@ -9,6 +9,7 @@ from torch import nn
 
 import graphc
 from graphc.errors import PassError
+from graphc.passes.prune import prune
 from graphc.passes.prune_criteria import weight_scores
 from graphc.passes.prune_structured import prune_channels
 from graphc.verify import verify
@@ -72,6 +73,13 @@ def test_entry_scores_estimate_the_output_change_of_zeroing_them():
     est = weight_scores(g, "sensitivity", data=[(x,)] * REPEAT)["weight"] / REPEAT
     exact = lin.weight.detach().square() * x.square().sum(0)  # zeroing W[o, i]: W[o,i] x_i
     torch.testing.assert_close(est, exact, rtol=0.2, atol=0)
+    x[:, 0] = 0  # an input that is always 0: its weights change nothing, whatever their size
+    with torch.no_grad():
+        lin.weight[:, 0] = 10.0
+    g = graphc.trace(lin, (x,))
+    w = prune(g, sparsity=0.25, criterion="sensitivity", calibration=[(x,)]).weights()
+    eff = w["weight"] * w["weight_mask"]
+    assert int((eff == 0).sum()) == 5 and not eff[:, 0].any()
 
 
 def test_a_dead_channel_is_removed_though_its_weights_are_the_largest():
