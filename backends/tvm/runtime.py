@@ -214,4 +214,5 @@ def _to_tvm(x, device: tvm.runtime.Device) -> tvm.runtime.Tensor:
         if on_cpu and x.data_ptr() % ALIGNMENT == 0 and x.numel() > 0:
             return tvm.runtime.from_dlpack(x)  # zero copy
         x = x.numpy()
-    return tvm.runtime.tensor(np.ascontiguousarray(x), device=device)
+    # reshape: np.ascontiguousarray makes a 0-d array 1-d, which main's shape check refuses
+    return tvm.runtime.tensor(np.ascontiguousarray(x).reshape(np.shape(x)), device=device)

@@ -15,6 +15,7 @@ from graphc.frontends.onnx_ops import (
     to_torch,
     torch_dtype,
 )
+from graphc.frontends.onnx_ops_shape import log_scan
 
 
 def _unary(fn) -> OpDef:
@@ -48,7 +49,7 @@ def _cumprod(node: Node, x: torch.Tensor, axis: np.ndarray):
     if node.attr("exclusive", 0):  # shift by one: a leading 1, the last element dropped
         ones = torch.ones_like(x.narrow(axis, 0, 1))
         x = torch.cat([ones, x.narrow(axis, 0, x.shape[axis] - 1)], axis)
-    out = torch.cumprod(x, axis).to(x.dtype)  # torch widens small ints to int64
+    out = log_scan(x, axis, torch.mul, 1)
     return out.flip(axis) if reverse else out
 
 

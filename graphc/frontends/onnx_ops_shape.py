@@ -203,10 +203,25 @@ def _trilu(node: Node, x: torch.Tensor, k=None):
     return torch.triu(x, k) if node.attr("upper", 1) else torch.tril(x, k)
 
 
+def log_scan(x: torch.Tensor, axis: int, op, identity) -> torch.Tensor:
+    """Inclusive prefix op along axis in ceil(log2 n) shifted steps (Hillis-Steele).
+
+    Used instead of aten.cumsum / cumprod: TVM 0.27 fails to schedule those on CPU, and
+    these steps are plain pads and elementwise ops that every backend lowers.
+    """
+    n, step = x.shape[axis], 1
+    spec = [0, 0] * (x.ndim - 1 - axis)
+    while step < n:
+        shifted = F.pad(x.narrow(axis, 0, n - step), spec + [step, 0], value=identity)
+        x = op(x, shifted)
+        step *= 2
+    return x
+
+
 def _cumsum(node: Node, x: torch.Tensor, axis: np.ndarray):
     axis = axis_of(node, int(axis.item()), x.ndim)
     x = x.flip(axis) if node.attr("reverse", 0) else x
-    out = torch.cumsum(x, axis).to(x.dtype)  # torch widens small ints to int64
+    out = log_scan(x, axis, torch.add, 0)
     out = out - x if node.attr("exclusive", 0) else out
     return out.flip(axis) if node.attr("reverse", 0) else out
 
