@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 import graphc
 from graphc.errors import FrontendError, InputError, UnsupportedOpError
 from tests.models import onnx_models as om
+from tests.test_api import _Branchy
 
 
 def f32(*shape):
@@ -90,16 +91,10 @@ def test_missing_onnx_file_names_the_path(tmp_path):
         graphc.trace(tmp_path / "nope.onnx")
 
 
-class _Branchy(torch.nn.Module):
-    def forward(self, x):
-        if x.sum() > 0:  # data-dependent Python control flow: untraceable
-            return x * 2
-        return x - 1
-
-
 def test_untraceable_model_names_the_model_the_line_and_why():
+    """Through compile (tests/test_api.py checks graphc.trace with the same model)."""
     with pytest.raises(FrontendError, match=r"(?s)cannot trace '_Branchy': .*data-dependent.*"
-                                            r"test_models\.py:\d+ in forward: if x\.sum\(\) > 0"
+                                            r"test_api\.py:\d+ in forward: if x\.sum\(\) > 0"
                                             r".*torch\.where or torch\.cond"):
         graphc.compile(_Branchy(), (torch.randn(3),), target="torch")
 
