@@ -33,6 +33,7 @@ TVM_CASES = (r"^test_(add_bcast|relu|conv_with_strides_padding|maxpool_2d_pads|"
 def tool():
     spec = importlib.util.spec_from_file_location("onnx_conformance", TOOL)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["onnx_conformance"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
