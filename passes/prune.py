@@ -43,7 +43,7 @@ DEFAULT_SPARSITY = 0.8
 
 @register_pass("prune")
 def prune(graph: Graph, *, sparsity: float | None = None,
-          criterion: Literal["l1", "l2", "taylor", "random"] = "l1",
+          criterion: Literal["l1", "l2", "taylor", "random", "sensitivity"] = "l1",
           scope: Literal["layer", "global"] = "layer", structure: str = "unstructured",
           normalize: Literal["lamp", "mean", "none"] = "lamp",
           include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), seed: int = 0,
@@ -52,7 +52,8 @@ def prune(graph: Graph, *, sparsity: float | None = None,
 
     sparsity: fraction of zeros (default 0.8; N:M structures imply 1 - N/M). criterion: l1,
     l2, taylor (|w dL/dw| over `calibration` items, inputs or (inputs, labels); `loss`:
-    fn(outputs[, labels]), default cross-entropy), random (seeded baseline). scope: layer
+    fn(outputs[, labels]), default cross-entropy), random (seeded baseline), sensitivity
+    (first-order output change over `calibration` inputs, no labels). scope: layer
     (each weight at `sparsity`) or global (one threshold over all, scores normalized per
     layer by `normalize`: lamp, mean, none). structure: unstructured, N:M (e.g. 2:4, along
     the input axis), channels. include / exclude: fnmatch patterns on layer node or weight
