@@ -163,10 +163,7 @@ def _taylor(graph, pws, eff, data, loss) -> dict[str, torch.Tensor]:
     g, params = _leaf_copy(graph, pws)
     acc = {k: torch.zeros_like(w) for k, w in eff.items()}
     for item in items:
-        try:
-            inputs, labels = split_item(item, g)
-        except GraphcError as e:
-            raise PassError(f"prune (taylor): {e}") from e
+        inputs, labels = _split(item, g, "taylor")
         out = g.gm(*inputs)
         out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
         value = _loss(out, labels, loss)
@@ -175,6 +172,14 @@ def _taylor(graph, pws, eff, data, loss) -> dict[str, torch.Tensor]:
             if grad is not None:
                 acc[name] += (eff[name] * grad.float()).abs()
     return acc
+
+
+def _split(item, g: Graph, criterion: str):
+    """(inputs, labels or None) of one data item, errors named after the criterion."""
+    try:
+        return split_item(item, g)
+    except GraphcError as e:
+        raise PassError(f"prune ({criterion}): {e}") from e
 
 
 def _leaf_copy(graph: Graph, pws) -> tuple[Graph, dict[str, torch.nn.Parameter]]:
@@ -210,10 +215,7 @@ def output_products(graph: Graph, data: Iterable | None, *, probes: int = PROBES
     eff = {pw.name: effective_weight(graph, pw).float() for pw in pws}
     gen = torch.Generator().manual_seed(seed)
     for item in items:
-        try:
-            inputs, _ = split_item(item, g)
-        except GraphcError as e:
-            raise PassError(f"prune (sensitivity): {e}") from e
+        inputs, _ = _split(item, g, "sensitivity")
         outs = g.gm(*inputs)
         outs = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs])
                 if isinstance(o, torch.Tensor) and o.is_floating_point()]
