@@ -34,6 +34,8 @@ class Guarded(dlight.ScheduleRule):
 
     def apply(self, func, target, tunable):
         names = block_names(func)
+        if not names:  # no root block (an extern call, an ir_builder kernel): no rule fits
+            return None
         if any(key in n for key in self.skip for n in names):
             return None
         try:

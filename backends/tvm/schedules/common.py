@@ -15,6 +15,15 @@ def cpu_kernel(func, target: tvm.target.Target) -> bool:
 
 
 def root_blocks(sch: s_tir.Schedule) -> list:
+    """The blocks directly under the function's "root" block; [] when there is none.
+
+    Kernels written with TVM's ir_builder or as an extern call (scatter, scatter_nd, topk,
+    sort) have one opaque top block of their own name ("scatter_elements_generic",
+    "topk_cpu") instead of "root"; get_sblock("root") raised on them and aborted the build.
+    No rule schedules such a kernel, so it stays as TOPI wrote it."""
+    body = sch.mod["main"].body
+    if not (isinstance(body, s_tir.SBlockRealize) and body.block.name_hint == "root"):
+        return []
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
 

@@ -90,9 +90,27 @@ def before_schedule() -> list[tvm.transform.Pass]:
     return [relax.transform.AttachAttrLayoutFreeBuffers()]
 
 
+@tvm.transform.module_pass(opt_level=0, name="graphc.WrapRootBlock")
+def wrap_root_block(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Give every PrimFunc a "root" block. SplitLayoutRewritePreproc takes a function's top
+    block as its root and checks that a block sits under it; a kernel that TOPI wrote as one
+    opaque block (topk's and sort's extern call, scatter's ir_builder loops) has none and
+    aborted the build. Nesting that block under an empty root changes no computation."""
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        body = func.body
+        if isinstance(body, s_tir.SBlockRealize) and body.block.name_hint == "root":
+            continue
+        root = s_tir.SBlock([], [], [], "root", body)
+        mod[gv] = func.with_body(s_tir.SBlockRealize([], True, root))
+    return mod
+
+
 def after_schedule() -> list[tvm.transform.Pass]:
     """Relax passes that turn the rules' preproc blocks into packed constants."""
     return [
+        wrap_root_block,
         relax.transform.SplitLayoutRewritePreproc(),
         # Evaluates each `_weight_prepack` call on its constant (builds and runs it on the
         # host); the unpacked weights become dead and DCE drops them from the module.
