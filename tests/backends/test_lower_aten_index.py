@@ -4,7 +4,9 @@ PyTorch: the kernels TOPI writes as opaque blocks must build, and graphc's own l
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 import tvm
 from torch import nn
 from tvm import s_tir, te, topi
@@ -14,6 +16,7 @@ from graphc.backends.tvm.schedules import Guarded
 from graphc.backends.tvm.schedules.common import root_blocks
 from graphc.backends.tvm.schedules.elementwise import Injective
 from graphc.backends.tvm.schedules.layout import wrap_root_block
+from graphc.errors import UnsupportedOpError
 
 TOL = 1e-5
 
@@ -71,3 +74,82 @@ def test_rules_decline_a_kernel_without_root_block():
     wrapped = wrap_root_block(tvm.IRModule({"main": func}))["main"]
     assert wrapped.body.block.name_hint == "root"
     assert len(root_blocks(s_tir.Schedule(wrapped))) == 1
+
+
+# ---- scatter / scatter_reduce / index_put (lower_aten_index.py) ------------------------------
+
+class Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def test_scatter_with_an_index_smaller_than_self():
+    # index [2, 2, 1, 1] into self [3, 3, 4, 2] along dim 2: TVM's converter offset the rows
+    # by the index's shape and wrote elsewhere (max error ~2 on this input)
+    torch.manual_seed(0)
+    x, src = torch.randn(3, 3, 4, 2), torch.randn(2, 3, 2, 2)  # src larger than index too
+    index = torch.tensor([1, 3, 0, 2]).reshape(2, 2, 1, 1)
+    _check(Fn(lambda x, i, s: (torch.scatter(x, 2, i, s), torch.scatter(x, 2, i, -1.5))),
+           x, index, src)
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+def test_scatter_reduce_with_duplicates(include_self):
+    torch.manual_seed(0)
+    x, src = torch.randn(4, 5), torch.randn(2, 4)
+    index = torch.tensor([[0, 0, 3, 0], [4, 4, 4, 1]])  # duplicates within each row
+
+    def fn(x, i, s):
+        return tuple(torch.scatter_reduce(x, 1, i, s, r, include_self=include_self)
+                     for r in ("sum", "prod", "amax", "amin"))
+    _check(Fn(fn), x, index, src)
+
+
+def test_scatter_reduce_integer_without_self():
+    x = torch.arange(12, dtype=torch.int32).reshape(3, 4) - 6
+    index = torch.tensor([[0, 0], [2, 2], [1, 3]])
+    src = torch.tensor([[-9, -7], [5, 8], [-1, -2]], dtype=torch.int32)
+    _check(Fn(lambda x, i, s: (torch.scatter_reduce(x, 1, i, s, "amax", include_self=False),
+                               torch.scatter_reduce(x, 1, i, s, "amin", include_self=False))),
+           x, index, src)
+
+
+def test_scatter_reduce_mean_is_refused():
+    x, index, src = torch.randn(2, 3), torch.tensor([[0, 0], [1, 2]]), torch.randn(2, 2)
+    with pytest.raises(UnsupportedOpError, match="scatter_reduce.*mean"):
+        _compile(Fn(lambda x, i, s: torch.scatter_reduce(x, 1, i, s, "mean")), x, index, src)
+
+
+def test_index_put_leading_dims():
+    # fewer index tensors than dims (ONNX ScatterND): TVM's converter refused it
+    torch.manual_seed(0)
+    d, v = torch.randn(4, 3, 2), torch.randn(2, 3, 2)
+    _check(Fn(lambda d, i, v: torch.index_put(d, (i,), v)), d, torch.tensor([3, -4]), v)
+    _check(Fn(lambda d, i, j, v: torch.index_put(d, (i, j), v, accumulate=True)),
+           d, torch.tensor([0, 0, 1]), torch.tensor([2, 2, -1]), torch.randn(3, 2))
+
+
+# ---- grid sampling -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+@pytest.mark.parametrize("align", [False, True])
+def test_grid_sample_2d(mode, align):
+    torch.manual_seed(0)
+    x, grid = torch.randn(2, 3, 5, 4), torch.rand(2, 6, 3, 2) * 2.6 - 1.3  # some outside
+
+    def fn(x, g):
+        return tuple(F.grid_sample(x, g, mode, pad, align)
+                     for pad in ("zeros", "border", "reflection"))
+    _check(Fn(fn), x, grid, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_grid_sample_3d(mode):
+    torch.manual_seed(0)
+    x, grid = torch.randn(1, 2, 3, 4, 5), torch.rand(1, 2, 3, 4, 3) * 2.4 - 1.2
+    _check(Fn(lambda x, g: (F.grid_sample(x, g, mode, "zeros", False),
+                            F.grid_sample(x, g, mode, "border", True))), x, grid, atol=1e-4)

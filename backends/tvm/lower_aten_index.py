@@ -1,0 +1,173 @@
+"""ATen index ops (scatter, index_put, grid sampling) that TVM 0.27's importer lowers wrongly
+or not at all; found by the ONNX backend node tests (tools/onnx_conformance.py).
+
+- aten.scatter.src / scatter.value / scatter_reduce.two: TOPI's scatter_elements walks the
+  index tensor but offsets into the data as if index and data had the same shape outside
+  `dim`. torch allows a smaller index (and a larger src); TVM's own converter then writes
+  to the wrong places. The data is cropped to the index's extent, scattered, and put back;
+  src is cropped to the index. scatter_reduce had no converter: sum/prod/amax/amin map to
+  TOPI's add/mul/max/min reductions (applied in index order, so duplicates accumulate);
+  include_self=False first resets every target to the reduction's identity. "mean"
+  (torch counts self in the divisor, TOPI does not) is refused.
+- aten.index_put: TVM's converter requires one index tensor per data dim; torch indexes
+  the leading dims and writes whole slices of the rest (ONNX ScatterND). Lowered to
+  scatter_nd, which covers both (accumulate -> "add").
+- aten.grid_sampler_2d / 3d: TVM's converter hands torch's [N, H, W, 2] grid to an op that
+  wants [N, 2, H, W], so the output shape was wrong; 3-D had no converter. The grid is
+  permuted to TOPI's layout and TOPI's grid_sample (same modes and corner conventions as
+  torch) is called.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax, topi
+
+from graphc.errors import UnsupportedOpError
+
+from .lower import register_lowering
+
+# torch's scatter_reduce names -> TOPI scatter_elements / scatter_nd reductions
+_REDUCE = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
+
+
+def _shape(x: relax.Expr, node) -> list[int]:
+    try:
+        return [int(s) for s in x.ty.shape]
+    except (TypeError, ValueError):
+        raise UnsupportedOpError(f"tvm backend: %{node.name} ({node.target}) has a dynamic "
+                                 f"shape {x.ty.shape}; graphc compiles static shapes") from None
+
+
+def _identity(reduce: str, dtype: str) -> relax.Expr:
+    """The value a reduction starts from: 0, 1, the lowest or the highest of `dtype`."""
+    if reduce == "sum":
+        return relax.const(0, dtype)
+    if reduce == "prod":
+        return relax.const(1, dtype)
+    if dtype.startswith("float"):
+        return relax.const(float("-inf") if reduce == "amax" else float("inf"), dtype)
+    if dtype == "bool":
+        return relax.const(reduce == "amin", dtype)
+    info = np.iinfo(dtype)
+    return relax.const(int(info.min if reduce == "amax" else info.max), dtype)
+
+
+def _crop(bb, x: relax.Expr, shape: list[int], keep: int) -> relax.Expr:
+    """x[:shape[0], :shape[1], ...], dim `keep` whole."""
+    dims = [d for d, (s, n) in enumerate(zip(shape, _shape_of(x))) if d != keep and s < n]
+    if not dims:
+        return x
+    return bb.emit(relax.op.strided_slice(x, dims, [0] * len(dims), [shape[d] for d in dims]))
+
+
+def _shape_of(x: relax.Expr) -> list[int]:
+    return [int(s) for s in x.ty.shape]
+
+
+def _put_back(bb, base: relax.Expr, piece: relax.Expr, dims: list[int]) -> relax.Expr:
+    """base with its leading corner (piece's extent along `dims`) replaced by piece."""
+    if not dims:
+        return piece
+    d, n = dims[0], _shape_of(piece)[dims[0]]
+    inner = bb.emit(relax.op.strided_slice(base, [d], [0], [n]))
+    inner = _put_back(bb, inner, piece, dims[1:])
+    return bb.emit(relax.op.slice_scatter(base, inner, 0, n, 1, axis=d))
+
+
+def _scatter(node, importer, x, dim: int, index, src, reduction: str) -> relax.Expr:
+    """torch.scatter(_reduce) along dim with TOPI's scatter_elements, any index extent."""
+    bb = importer.block_builder
+    xs, ixs = _shape(x, node), _shape(index, node)
+    dim %= len(xs)
+    src = _crop(bb, src, ixs, -1)
+    cropped = [d for d in range(len(xs)) if d != dim and ixs[d] < xs[d]]
+    part = _crop(bb, x, ixs, dim)
+    out = bb.emit(relax.op.scatter_elements(part, index, src, dim, reduction))
+    return _put_back(bb, x, out, cropped)
+
+
+@register_lowering("aten::scatter.src")
+def _scatter_src(node, importer) -> relax.Expr:
+    x, index, src = (importer.env[a] for a in (node.args[0], node.args[2], node.args[3]))
+    return _scatter(node, importer, x, node.args[1], index, src, "update")
+
+
+@register_lowering("aten::scatter.value")
+def _scatter_value(node, importer) -> relax.Expr:
+    x, index = importer.env[node.args[0]], importer.env[node.args[2]]
+    src = relax.op.broadcast_to(relax.const(node.args[3], x.ty.dtype), index.ty.shape)
+    return _scatter(node, importer, x, node.args[1], index, importer.block_builder.emit(src),
+                    "update")
+
+
+@register_lowering("aten::scatter_reduce.two")
+def _scatter_reduce(node, importer) -> relax.Expr:
+    x, index, src = (importer.env[a] for a in (node.args[0], node.args[2], node.args[3]))
+    dim, reduce = node.args[1], node.args[4]
+    include_self = node.kwargs.get("include_self", node.args[5] if len(node.args) > 5 else True)
+    if reduce not in _REDUCE:
+        raise UnsupportedOpError(
+            f"tvm backend: %{node.name} ({node.target}) reduce={reduce!r} is not supported "
+            f"(supported: {', '.join(_REDUCE)}); TOPI's mean leaves self out of the count")
+    dtype = str(x.ty.dtype)
+    if not include_self:  # targets start from the identity instead of self
+        fill = relax.op.broadcast_to(_identity(reduce, dtype), index.ty.shape)
+        x = _scatter(node, importer, x, dim, index, importer.block_builder.emit(fill), "update")
+    return _scatter(node, importer, x, dim, index, src, _REDUCE[reduce])
+
+
+@register_lowering("aten::index_put")
+def _index_put(node, importer) -> relax.Expr:
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    indices = node.args[1]
+    accumulate = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate"))
+    xs = _shape(x, node)
+    if any(i is None for i in indices) or any(
+            str(importer.env[i].ty.dtype) not in ("int64", "int32") for i in indices):
+        raise UnsupportedOpError(
+            f"tvm backend: %{node.name} ({node.target}) with a None or boolean index is not "
+            "supported; index the leading dims with integer tensors")
+    idx = [importer.env[i] for i in indices]
+    batch = list(np.broadcast_shapes(*(tuple(_shape(i, node)) for i in idx)))
+    cols = []
+    for d, i in enumerate(idx):  # broadcast, int64, negative -> from the end (as torch does)
+        i = bb.emit(relax.op.broadcast_to(relax.op.astype(i, "int64"), batch))
+        size = relax.const(xs[d], "int64")
+        cols.append(bb.emit(relax.op.where(relax.op.less(i, relax.const(0, "int64")),
+                                           relax.op.add(i, size), i)))
+    stacked = bb.emit(relax.op.stack(cols, -1))  # [*batch, k]: scatter_nd's index layout
+    values = bb.emit(relax.op.broadcast_to(importer.env[node.args[2]], batch + xs[len(idx):]))
+    return bb.emit(relax.op.scatter_nd(x, stacked, values, "add" if accumulate else "update"))
+
+
+_GRID_MODES = {0: "bilinear", 1: "nearest", 2: "bicubic"}
+_GRID_PADDING = {0: "zeros", 1: "border", 2: "reflection"}
+
+
+def _grid_sampler(node, importer, layout: str) -> relax.Expr:
+    x, grid = importer.env[node.args[0]], importer.env[node.args[1]]
+    mode, padding, align = node.args[2], node.args[3], bool(node.args[4])
+    if mode not in _GRID_MODES or padding not in _GRID_PADDING or (
+            mode == 2 and layout == "NCDHW"):
+        raise UnsupportedOpError(
+            f"tvm backend: %{node.name} ({node.target}) interpolation {mode} / padding "
+            f"{padding} is not supported (TOPI: bilinear, nearest, 2-D bicubic; zeros, "
+            "border, reflection)")
+    bb = importer.block_builder
+    # torch's grid is [N, *out, ndim]; TOPI's is [N, ndim, *out]
+    rank = len(layout)
+    grid = bb.emit(relax.op.permute_dims(grid, [0, rank - 1, *range(1, rank - 1)]))
+    return bb.emit_te(topi.image.grid_sample, x, grid, _GRID_MODES[mode], layout,
+                      _GRID_PADDING[padding], align)
+
+
+@register_lowering("aten::grid_sampler_2d")
+def _grid_sampler_2d(node, importer) -> relax.Expr:
+    return _grid_sampler(node, importer, "NCHW")
+
+
+@register_lowering("aten::grid_sampler_3d")
+def _grid_sampler_3d(node, importer) -> relax.Expr:
+    return _grid_sampler(node, importer, "NCDHW")
