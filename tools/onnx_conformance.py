@@ -140,6 +140,23 @@ def filter_reason(model: onnx.ModelProto) -> str | None:
     return None
 
 
+# graphc unrolls loops at load time (graphc/frontends/onnx_control.py): a Loop's trip count
+# and condition must be known then, like a Reshape's shape
+CONTROL_STATIC = {"Loop": (0, 1)}
+
+
+def _static_slots(op_type: str, table: dict) -> tuple[int, ...]:
+    return CONTROL_STATIC.get(op_type, getattr(table.get(op_type), "static", ()))
+
+
+def _all_nodes(g: onnx.GraphProto):
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+
+
 def freeze_static_inputs(case: Case) -> Case:
     """Make graph inputs that feed a graphc `static` op input initializers (see docstring).
 
@@ -153,8 +170,9 @@ def freeze_static_inputs(case: Case) -> Case:
     g = case.model.graph
     feeds = {vi.name: i for i, vi in enumerate(g.input)}
     integer = {vi.name for vi in g.input if vi.type.tensor_type.elem_type in _INTEGER}
-    producer = {out: n for n in g.node for out in n.output}
-    direct = [n.input[i] for n in g.node for i in getattr(op_table().get(n.op_type), "static", ())
+    nodes = list(_all_nodes(g))  # control-flow bodies too: they read outer values by name
+    producer = {out: n for n in nodes for out in n.output}
+    direct = [n.input[i] for n in nodes for i in _static_slots(n.op_type, op_table())
               if i < len(n.input) and n.input[i]]
     todo, seen, static = list(direct), set(), set()
     while todo:
@@ -166,6 +184,8 @@ def freeze_static_inputs(case: Case) -> Case:
             static.add(name)
         elif name in producer and producer[name].op_type not in ("Shape", "Size"):
             todo += [i for i in producer[name].input if i]
+            todo += [o.name for a in producer[name].attribute  # an If's value: its branches'
+                     if a.type == onnx.AttributeProto.GRAPH for o in a.g.output]
     if not static:
         return case
     model = onnx.ModelProto()

@@ -28,6 +28,7 @@ import torch
 from onnx import numpy_helper
 
 from graphc.errors import FrontendError, GraphcError, UnsupportedOpError
+from graphc.frontends.onnx_control import CONTROL_FLOW
 from graphc.frontends.onnx_ops import (
     Node,
     OpDef,
@@ -243,7 +244,9 @@ class OnnxModule(torch.nn.Module):
         ]
         nodes, inits = rewrite_qdq(nodes, inits, self.output_names)  # quantized models
         env = self._initial_env(inits)
-        self._plan = [node for node in nodes if self._plan_node(node, env, inits)]
+        self._plan: list[Node] = []
+        for node in nodes:
+            self._plan_any(node, env, inits)
         self._attr = self._register(inits, env)
 
     def _initial_env(self, inits: dict) -> dict:
@@ -255,6 +258,17 @@ class OnnxModule(torch.nn.Module):
             dtype = to_torch(arr.reshape(-1)[:0]).dtype  # without copying a large weight
             env[name] = arr if static else torch.empty(arr.shape, dtype=dtype, device="meta")
         return env
+
+    def _plan_any(self, node: Node, env: dict, inits: dict) -> None:
+        """Plan a node, or the nodes a control-flow node expands to (onnx_control.py): each
+        is planned before the expansion yields the next, so it can read their values."""
+        expand = CONTROL_FLOW.get(node.op)
+        if expand is None:
+            if self._plan_node(node, env, inits):
+                self._plan.append(node)
+            return
+        for sub in expand(node, env):
+            self._plan_any(sub, env, inits)
 
     def _plan_node(self, node: Node, env: dict, inits: dict) -> bool:
         """Evaluate a node at load time (folded, or on meta tensors); True if forward runs it."""
