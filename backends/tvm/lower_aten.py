@@ -3,14 +3,14 @@
 - aten.select.int with a negative index: TVM emits take(x, index, dim) with the index as
   given, and take's default mode reads out of bounds for -1 (garbage, up to 1e38, in the
   output). The index is normalized against the static size first.
-- aten.max_pool2d_with_indices: TVM returns zeros for the indices. Only the values are
-  supported; a graph that reads the indices is refused rather than given zeros.
+- aten.max_pool2d_with_indices: TVM returns zeros for the indices; lower_aten_index.py
+  computes them.
 - aten.div.Tensor_mode (torch.floor_divide, //) of an int64 tensor by a Python int: TVM
   makes the int an int32 constant and the import fails on the dtype mismatch. The
   constant takes the tensor's dtype.
 - aten.adaptive_max_pool2d: no converter at all. Lowered with topi's adaptive max pool
   (the same windows as PyTorch's: start floor(i * H / oh), end ceil((i + 1) * H / oh));
-  indices refused as above.
+  a graph that reads the indices is refused rather than given zeros.
 """
 
 from __future__ import annotations
@@ -61,12 +61,6 @@ def _refuse_indices(node) -> None:
             raise UnsupportedOpError(
                 f"tvm backend: %{user.name} reads the indices of %{node.name} "
                 f"({node.target}); the TVM backend computes only the pooled values")
-
-
-@register_lowering("aten::max_pool2d_with_indices")
-def _max_pool2d_with_indices(node, importer) -> relax.Expr:
-    _refuse_indices(node)
-    return importer.builtin["max_pool2d_with_indices.default"](node)
 
 
 @register_lowering("aten::adaptive_max_pool2d")

@@ -16,16 +16,22 @@ or not at all; found by the ONNX backend node tests (tools/onnx_conformance.py).
   wants [N, 2, H, W], so the output shape was wrong; 3-D had no converter. The grid is
   permuted to TOPI's layout and TOPI's grid_sample (same modes and corner conventions as
   torch) is called.
+- aten.max_pool2d_with_indices / max_pool3d_with_indices: TVM returns zeros for the
+  indices. When the graph reads them, one TE kernel reduces (flat index, value) pairs over
+  each window: torch's convention (index h * W + w within the input plane, the first
+  maximum in scan order, NaN wins). Graphs that read only the values keep TVM's pooling.
 """
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
-from tvm import relax, topi
+from tvm import relax, te, tirx, topi
 
 from graphc.errors import UnsupportedOpError
 
-from .lower import register_lowering
+from .lower import register_lowering, target_key
 
 # torch's scatter_reduce names -> TOPI scatter_elements / scatter_nd reductions
 _REDUCE = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
@@ -171,3 +177,88 @@ def _grid_sampler_2d(node, importer) -> relax.Expr:
 @register_lowering("aten::grid_sampler_3d")
 def _grid_sampler_3d(node, importer) -> relax.Expr:
     return _grid_sampler(node, importer, "NCDHW")
+
+
+# ---- max pooling with indices ----------------------------------------------------------------
+
+def _lowest(dtype: str):
+    """-inf for floats (min_value is -FLT_MAX, which would beat a window of -inf)."""
+    dtype = str(dtype)
+    return tirx.const(float("-inf"), dtype) if dtype.startswith("float") else tirx.min_value(dtype)
+
+
+def _argmax_reducer(dtype: str):
+    """(index, value) pairs -> the larger value; NaN counts as the largest (torch propagates
+    it); ties -> the lower index, so the first maximum in window scan order wins, as in
+    torch, whatever order the reduction visits the taps."""
+    def combine(x, y):
+        (xi, xv), (yi, yv) = x, y
+        if dtype.startswith("float"):
+            y_nan, x_nan = tirx.isnan(yv), tirx.isnan(xv)
+            bigger = tirx.any(yv > xv, tirx.all(y_nan, tirx.Not(x_nan)))
+            same = tirx.any(yv == xv, tirx.all(y_nan, x_nan))
+        else:
+            bigger, same = yv > xv, yv == xv
+        take = tirx.any(bigger, tirx.all(same, yi < xi))
+        return tirx.Select(take, yi, xi), tirx.Select(take, yv, xv)
+
+    def identity(ti, tv):  # loses every comparison (a tap of value -inf has a lower index)
+        return tirx.max_value(ti), _lowest(tv)
+
+    return te.comm_reducer(combine, identity, name="argmax")
+
+
+def _pool_with_indices(x: te.Tensor, out_shape, kernel, stride, padding, dilation):
+    """Max pooling over the trailing len(kernel) dims; indices flatten each input plane
+    (h * W + w), torch's convention. Taps in the padding never win."""
+    nsp = len(kernel)
+    lead, size = list(x.shape[:-nsp]), [int(s) for s in x.shape[-nsp:]]
+    axes = [te.reduce_axis((0, k), name=f"k{i}") for i, k in enumerate(kernel)]
+    argmax = _argmax_reducer(str(x.dtype))
+
+    def tap(*out):
+        pos = [out[len(lead) + d] * stride[d] - padding[d] + axes[d] * dilation[d]
+               for d in range(nsp)]
+        inside = tirx.all(*[tirx.all(p >= 0, p < size[d]) for d, p in enumerate(pos)])
+        flat = pos[0].astype("int64")
+        for d in range(1, nsp):
+            flat = flat * size[d] + pos[d].astype("int64")
+        value = x[(*out[:len(lead)], *pos)]
+        return argmax((tirx.Select(inside, flat, tirx.max_value("int64")),
+                       tirx.if_then_else(inside, value, _lowest(x.dtype))), axis=axes)
+
+    idx, val = te.compute(out_shape, tap, name="max_pool_argmax")
+    return [val, idx]
+
+
+def _ints(v, n: int) -> list[int]:
+    v = list(v) if isinstance(v, list | tuple) else [v]
+    return [int(a) for a in (v * n if len(v) == 1 else v)]
+
+
+def _max_pool_with_indices(node, importer, nsp: int) -> relax.Expr:
+    if all(u.target is operator.getitem and (u.args[1] == 0 or not u.users)
+           for u in node.users):
+        # nobody reads the indices: TVM's converter (scheduled pooling, zeros for indices)
+        return importer.builtin[target_key(node.target).split(".", 1)[1]](node)
+    x = importer.env[node.args[0]]
+    # (self, kernel_size, stride=[] (= kernel), padding=0, dilation=1, ceil_mode)
+    args = list(node.args) + [[], 0, 1][len(node.args) - 2:]
+    kernel = _ints(args[1], nsp)
+    stride = _ints(args[2], nsp) if args[2] else kernel
+    padding, dilation = _ints(args[3], nsp), _ints(args[4], nsp)
+    _shape(x, node)
+    # the output extent (ceil_mode included) as torch computed it at trace time
+    out_shape = [int(s) for s in node.meta["val"][0].shape]
+    return importer.block_builder.emit_te(_pool_with_indices, x, out_shape, kernel, stride,
+                                          padding, dilation)
+
+
+@register_lowering("aten::max_pool2d_with_indices")
+def _max_pool2d_with_indices(node, importer) -> relax.Expr:
+    return _max_pool_with_indices(node, importer, 2)
+
+
+@register_lowering("aten::max_pool3d_with_indices")
+def _max_pool3d_with_indices(node, importer) -> relax.Expr:
+    return _max_pool_with_indices(node, importer, 3)

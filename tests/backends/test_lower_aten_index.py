@@ -153,3 +153,47 @@ def test_grid_sample_3d(mode):
     x, grid = torch.randn(1, 2, 3, 4, 5), torch.rand(1, 2, 3, 4, 3) * 2.4 - 1.2
     _check(Fn(lambda x, g: (F.grid_sample(x, g, mode, "zeros", False),
                             F.grid_sample(x, g, mode, "border", True))), x, grid, atol=1e-4)
+
+
+# ---- max pooling indices -----------------------------------------------------------------
+
+def _equal(model: nn.Module, *args):
+    got, want = _compile(model, *args)(*args), model(*args)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+    return want
+
+
+@pytest.mark.parametrize("args", [
+    {"kernel_size": 2},
+    {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+    {"kernel_size": (2, 3), "stride": (1, 2), "padding": (1, 0), "dilation": (2, 1)},
+])
+def test_max_pool2d_indices(args):
+    torch.manual_seed(0)
+    want = _equal(Fn(lambda x: F.max_pool2d(x, return_indices=True, **args)),
+                  torch.randn(2, 3, 7, 8))
+    assert want[1].max() > 0  # TVM's converter returned all zeros
+
+
+def test_max_pool_indices_ties_nan_and_minus_inf():
+    # ties -> the first in scan order; NaN is the maximum; a window of -inf still points
+    # at one of its own taps
+    inf = float("inf")
+    x = torch.tensor([[[[1, 1, 2, 2], [1, 1, float("nan"), 2], [-inf] * 4, [-inf] * 4]]])
+    _equal(Fn(lambda x: F.max_pool2d(x, 2, return_indices=True)), x)
+    _equal(Fn(lambda x: F.max_pool2d(x, 3, 1, 1, return_indices=True)), x[0])  # [C, H, W]
+
+
+def test_max_pool3d_indices():
+    torch.manual_seed(0)
+    _equal(Fn(lambda x: F.max_pool3d(x, 2, 1, 1, return_indices=True)),
+           torch.randn(1, 2, 3, 4, 5))
+
+
+def test_max_pool_values_only_keep_the_scheduled_pooling():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8)
+    cm = _compile(Fn(lambda x: F.max_pool2d(x, 2, return_indices=True)[0]), x)
+    torch.testing.assert_close(cm(x), F.max_pool2d(x, 2))

@@ -81,12 +81,14 @@ class _PoolIndices(torch.nn.Module):
         return v, i
 
 
-def test_pool_indices_are_refused_not_zeros():
-    # TVM bug: its max_pool2d_with_indices returns zeros for the indices. graphc refuses a
-    # graph that reads them (backends/tvm/lower_aten.py) instead of returning zeros.
+def test_pool_indices_are_computed_not_zeros():
+    # TVM bug: its max_pool2d_with_indices returns zeros for the indices. graphc computes
+    # them (backends/tvm/lower_aten_index.py) instead of returning zeros.
     x = torch.randn(1, 2, 4, 4)
-    with pytest.raises(graphc.UnsupportedOpError, match="indices of %max_pool2d_with_indices"):
-        graphc.compile(_PoolIndices(), (x,), target="cpu")
+    got = graphc.compile(_PoolIndices(), (x,), target="cpu")(x)
+    want = _PoolIndices()(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert want[1].any()  # zeros would not pass
 
 
 def test_select_negative_index_directly():

@@ -29,6 +29,8 @@ class RowReduction(dlight.ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = root_blocks(sch)
+        if any(len(sch.get(b).writes) > 1 for b in blocks):
+            return None  # a tuple reduction (argmax: index and value): one output per block here
         if blocks and _is_reduction(sch, blocks[-1]):
             # a bare reduction (sum, max): reduce into a local and copy out, so the last
             # block is elementwise like the others
