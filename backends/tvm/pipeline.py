@@ -31,6 +31,7 @@ from . import cross
 from .decode_chain import cache_decoded_chains, mark_decoded_layout_free
 from .legalize import LEGALIZATIONS
 from .lower import import_program
+from .pad_into_conv import pad_into_conv
 from .runtime import runner_from_executable
 from .schedules import default_rules, layout
 from .target import resolve_target, target_config
@@ -54,6 +55,7 @@ def optimize_passes(target: tvm.target.Target, options: dict | None = None) -> l
         # conv before it (as the conv's epilogue) and FoldConstant partly folds (sqrt(var+eps)).
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        pad_into_conv,  # before FuseOps would fuse each pad into its producer's kernel
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(customize_legalize_map=LEGALIZATIONS),
