@@ -6,6 +6,9 @@ listed keeps TVM's own rule.
 
 from __future__ import annotations
 
+import math
+
+import tvm
 from tvm import relax, te, tirx, topi
 from tvm.relax.transform.legalize_ops.nn import _nn_gelu as tvm_gelu
 
@@ -35,7 +38,26 @@ def softmax_fast_exp(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
                       primfunc_name_hint="softmax")
 
 
+def full_nonfinite(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """relax.full / full_like with an inf or NaN fill: TVM's rule hands topi.full the dtype as
+    a PrimType, and topi's inf/NaN check (`"float" in dtype`) raised TypeError, so a -inf fill
+    (attention masks, a max over an empty axis) failed to compile. Finite fills: TVM's rule."""
+    value = getattr(call.args[1], "value", None)  # a constant's value: a scalar or a Tensor
+    if isinstance(value, tvm.runtime.Tensor) and value.ndim == 0:
+        value = value.numpy()[()].item()
+    if not isinstance(value, float) or math.isfinite(value):
+        return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
+    dtype = str(call.ty.dtype)
+    if not dtype.startswith(("float", "bfloat")):
+        raise ValueError(f"{call.op.name}: fill {value} needs a floating-point dtype, not {dtype}")
+    shape = call.args[0].ty.shape if call.op.name == "relax.full_like" else call.args[0]
+    return bb.call_te(lambda: te.compute(list(shape.values), lambda *_: tirx.const(value, dtype)),
+                      primfunc_name_hint="full")
+
+
 LEGALIZATIONS = {
+    "relax.full": full_nonfinite,
+    "relax.full_like": full_nonfinite,
     "relax.nn.gelu": gelu_fast_erf,
     "relax.nn.softmax": softmax_fast_exp,
 }
