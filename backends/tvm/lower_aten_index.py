@@ -9,9 +9,11 @@ or not at all; found by the ONNX backend node tests (tools/onnx_conformance.py).
   TOPI's add/mul/max/min reductions (applied in index order, so duplicates accumulate);
   include_self=False first resets every target to the reduction's identity. "mean"
   (torch counts self in the divisor, TOPI does not) is refused.
-- aten.index_put: TVM's converter requires one index tensor per data dim; torch indexes
-  the leading dims and writes whole slices of the rest (ONNX ScatterND). Lowered to
-  scatter_nd, which covers both (accumulate -> "add").
+- aten.index.Tensor / index_put (x[i, j], x[:, i] = v): TVM's converters read negative
+  indices out of bounds (garbage, ~1e24, no error), put the index dims in the wrong place
+  for x[:, i, j] and x[i, :, j], and index_put required one index per dim (ONNX
+  ScatterND indexes only the leading ones). Lowered to gather_nd / scatter_nd with torch's
+  advanced-indexing layout and negative indices taken from the end (accumulate -> "add").
 - aten.grid_sampler_2d / 3d: TVM's converter hands torch's [N, H, W, 2] grid to an op that
   wants [N, 2, H, W], so the output shape was wrong; 3-D had no converter. The grid is
   permuted to TOPI's layout and TOPI's grid_sample (same modes and corner conventions as
@@ -123,29 +125,66 @@ def _scatter_reduce(node, importer) -> relax.Expr:
     return _scatter(node, importer, x, dim, index, src, _REDUCE[reduce])
 
 
+def _advanced_index(node, importer, x: relax.Expr, indices: list):
+    """torch's x[indices] (None: a whole dim) as a scatter_nd / gather_nd index: returns
+    (index [*out, k], the shape of x[indices]). Leading dims indexed (k of them): out is the
+    broadcast index shape and the trailing dims come whole. Otherwise every dim is indexed
+    (k = x.ndim) and out is torch's result shape: the broadcast index dims replace adjacent
+    indexed dims in place, or go first when the indexed dims are apart."""
+    bb = importer.block_builder
+    xs = _shape(x, node)
+    indices = list(indices) + [None] * (len(xs) - len(indices))
+    adv = [d for d, i in enumerate(indices) if i is not None]
+    if not adv or any(str(importer.env[indices[d]].ty.dtype) not in ("int64", "int32")
+                      for d in adv):
+        raise UnsupportedOpError(
+            f"tvm backend: %{node.name} ({node.target}) needs integer index tensors (a "
+            "boolean mask selects a data-dependent number of elements)")
+    shapes = {d: _shape(importer.env[indices[d]], node) for d in adv}
+    batch = list(np.broadcast_shapes(*(tuple(s) for s in shapes.values())))
+    sliced = [d for d in range(len(xs)) if d not in adv]
+    if adv == list(range(len(adv))):
+        first, out, sliced = 0, batch, []
+        result = batch + xs[len(adv):]
+    elif adv == list(range(adv[0], adv[-1] + 1)):
+        first = adv[0]
+        out = result = xs[:first] + batch + xs[adv[-1] + 1:]
+    else:
+        first = 0
+        out = result = batch + [xs[d] for d in sliced]
+    place = [d for d in range(len(out)) if not first <= d < first + len(batch)]
+    cols = []
+    for d in adv:  # int64, negative -> from the end (as torch does), aligned to batch's dims
+        i = relax.op.astype(importer.env[indices[d]], "int64")
+        i = relax.op.where(relax.op.less(i, relax.const(0, "int64")),
+                           relax.op.add(i, relax.const(xs[d], "int64")), i)
+        pad = len(batch) - len(shapes[d])
+        i = relax.op.reshape(i, [1] * (first + pad) + shapes[d]
+                             + [1] * (len(out) - first - len(batch)))
+        cols.append((d, bb.emit(relax.op.broadcast_to(i, out))))
+    for d, k in zip(sliced, place, strict=True):  # every position along a sliced dim
+        i = relax.op.reshape(relax.op.arange(0, xs[d], 1, "int64"),
+                             [xs[d] if j == k else 1 for j in range(len(out))])
+        cols.append((d, bb.emit(relax.op.broadcast_to(i, out))))
+    cols.sort(key=lambda c: c[0])  # data dim order
+    return bb.emit(relax.op.stack([c for _, c in cols], -1)), result
+
+
 @register_lowering("aten::index_put")
 def _index_put(node, importer) -> relax.Expr:
     bb = importer.block_builder
     x = importer.env[node.args[0]]
-    indices = node.args[1]
     accumulate = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate"))
-    xs = _shape(x, node)
-    if any(i is None for i in indices) or any(
-            str(importer.env[i].ty.dtype) not in ("int64", "int32") for i in indices):
-        raise UnsupportedOpError(
-            f"tvm backend: %{node.name} ({node.target}) with a None or boolean index is not "
-            "supported; index the leading dims with integer tensors")
-    idx = [importer.env[i] for i in indices]
-    batch = list(np.broadcast_shapes(*(tuple(_shape(i, node)) for i in idx)))
-    cols = []
-    for d, i in enumerate(idx):  # broadcast, int64, negative -> from the end (as torch does)
-        i = bb.emit(relax.op.broadcast_to(relax.op.astype(i, "int64"), batch))
-        size = relax.const(xs[d], "int64")
-        cols.append(bb.emit(relax.op.where(relax.op.less(i, relax.const(0, "int64")),
-                                           relax.op.add(i, size), i)))
-    stacked = bb.emit(relax.op.stack(cols, -1))  # [*batch, k]: scatter_nd's index layout
-    values = bb.emit(relax.op.broadcast_to(importer.env[node.args[2]], batch + xs[len(idx):]))
-    return bb.emit(relax.op.scatter_nd(x, stacked, values, "add" if accumulate else "update"))
+    index, shape = _advanced_index(node, importer, x, node.args[1])
+    values = bb.emit(relax.op.broadcast_to(importer.env[node.args[2]], shape))
+    return bb.emit(relax.op.scatter_nd(x, index, values, "add" if accumulate else "update"))
+
+
+@register_lowering("aten::index.Tensor")
+def _index(node, importer) -> relax.Expr:
+    x = importer.env[node.args[0]]
+    index, _ = _advanced_index(node, importer, x, node.args[1])
+    return importer.block_builder.emit(relax.op.gather_nd(x, index))
 
 
 _GRID_MODES = {0: "bilinear", 1: "nearest", 2: "bicubic"}

@@ -133,6 +133,47 @@ def test_index_put_leading_dims():
            d, torch.tensor([0, 0, 1]), torch.tensor([2, 2, -1]), torch.randn(3, 2))
 
 
+def _put_mid(d, i, j, v):
+    y = d.clone()
+    y[:, i, j] = v
+    return y
+
+
+def _add_apart(d, i, j, v):
+    y = d.clone()
+    y[i, :, j] += v
+    return y
+
+
+def test_index_and_index_put_with_sliced_dims():
+    # index dims replace adjacent indexed dims in place, or go first when apart (torch's
+    # layout; TVM's converter got both shapes wrong)
+    torch.manual_seed(0)
+    d = torch.randn(3, 4, 5, 6)
+    i, j = torch.tensor([0, 3, -1]), torch.tensor([[1], [4]])
+    _check(Fn(lambda d, i, j: (d[:, i, j] * 1, d[..., j] * 1)), d, i, j)
+    _check(Fn(_put_mid), d, i, j, torch.randn(3, 6))
+    i, j = torch.tensor([0, 2, 0]), torch.tensor([1, 1, -1])  # duplicates accumulate
+    _check(Fn(lambda d, i, j: d[i, :, j] * 1), d, i, j)
+    _check(Fn(_add_apart), d, i, j, torch.randn(3, 4, 6))
+
+
+def test_index_negative_leading():
+    # d[i, j] with i = -1: TVM's converter read out of bounds (values ~1e24, no error)
+    torch.manual_seed(0)
+    d = torch.randn(3, 4, 5)
+    _check(Fn(lambda d, i, j: d[i, j] * 1), d, torch.tensor([0, 2, -1]), torch.tensor([[1], [-4]]))
+
+
+def test_boolean_mask_index_put_is_refused():
+    def fn(d, m):
+        y = d.clone()
+        y[m] = 0.0
+        return y
+    with pytest.raises(UnsupportedOpError, match="integer index tensors"):
+        _compile(Fn(fn), torch.randn(3, 4), torch.rand(3, 4) > 0.5)
+
+
 # ---- grid sampling -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
