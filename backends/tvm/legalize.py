@@ -55,7 +55,47 @@ def full_nonfinite(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
                       primfunc_name_hint="full")
 
 
+def _extreme(x: te.Tensor, axis, keepdims: bool, is_max: bool) -> te.Tensor:
+    ndim = len(x.shape)
+    reduced = sorted({int(a) % ndim for a in axis}) if axis is not None else list(range(ndim))
+    pick = tirx.max if is_max else tirx.min
+
+    def combine(a, b):  # NaN wins, as in PyTorch (isnan: a != a could be simplified away)
+        return tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, pick(a, b)))
+
+    reducer = te.comm_reducer(combine, lambda t: tirx.const(-math.inf if is_max else math.inf, t),
+                              name="nan_max" if is_max else "nan_min")
+    k = {a: te.reduce_axis((0, x.shape[a]), f"k{a}") for a in reduced}
+    shape = [1 if a in k else n for a, n in enumerate(x.shape) if keepdims or a not in k]
+
+    def body(*idx):
+        it, index = iter(idx), []
+        for a in range(ndim):
+            if a in k and keepdims:
+                next(it)
+            index.append(k[a] if a in k else next(it))
+        return reducer(x[tuple(index)], axis=[k[a] for a in reduced])
+
+    return te.compute(shape, body, name="max" if is_max else "min")
+
+
+def float_max_min(is_max: bool):
+    """relax.max / relax.min over floats: TVM reduces from the lowest finite float (a row of
+    -inf gave -3.4e38, so the expanded ONNX Attention's `max(mask) == -inf` test for a fully
+    masked row failed and its NaN softmax went through) and drops NaN. Identity +-inf, and a
+    NaN propagates, as in PyTorch. Other dtypes: TVM's rule."""
+    def rule(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        x = call.args[0]
+        if not str(x.ty.dtype).startswith("float"):
+            return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
+        return bb.call_te(_extreme, x, call.attrs.axis, bool(call.attrs.keepdims), is_max,
+                          primfunc_name_hint="max" if is_max else "min")
+    return rule
+
+
 LEGALIZATIONS = {
+    "relax.max": float_max_min(True),
+    "relax.min": float_max_min(False),
     "relax.full": full_nonfinite,
     "relax.full_like": full_nonfinite,
     "relax.nn.gelu": gelu_fast_erf,

@@ -19,6 +19,12 @@ Each rule matches PyTorch (the IR's reference), found through the ONNX backend n
 - sinh / cosh: TVM's LLVM codegen has no vector rule for them: a fully vectorized kernel
   (length a multiple of the vector width) failed to build. They are written with exp, which
   vectorizes; sinh uses its odd Taylor series near 0, where exp(x) - exp(-x) cancels.
+- remainder on floats: TVM's floor_mod computes a - floor(a / b) * b: NaN for an infinite
+  divisor (PyTorch: a, or b when the signs differ) and garbage once a / b loses the integer
+  part (1e30 % 7 gave -2.8e22). PyTorch's own rule: fmod, then + b when the signs differ.
+- log1p: TVM computes log(1 + x), which loses the digits of a small x (Mish's softplus tail
+  was 1e-3 off at x = -10; softplus too). Near 0 it is 2 atanh(x / (2 + x)) as a series,
+  in float64.
 - split_with_sizes with a zero-size piece: topi.split requires strictly increasing cuts and
   crashed. Each piece is a strided_slice (an empty piece an empty tensor).
 """
@@ -251,3 +257,63 @@ def _split_with_sizes(node: fx.Node, importer) -> relax.Expr:
         start += size
     return bb.emit(relax.Tuple(pieces))
 
+
+
+# --- remainder, log1p ------------------------------------------------------------------------
+
+@register_lowering("aten::remainder.Tensor")
+@register_lowering("aten::remainder.Scalar")
+def _remainder(node: fx.Node, importer) -> relax.Expr:
+    dtype = _out_dtype(node)
+    if not dtype.startswith("float"):
+        return importer.builtin[node.target.__name__](node)
+    bb = importer.block_builder
+    a, b = (_operand(importer, arg, dtype) for arg in node.args[:2])
+    m = bb.emit(relax.op.mod(a, b))  # fmod: exact, sign of a
+    zero = relax.const(0.0, dtype)
+    differ = relax.op.logical_xor(relax.op.less(b, zero), relax.op.less(m, zero))  # signs
+    fix = bb.emit(relax.op.logical_and(relax.op.not_equal(m, zero), differ))
+    return bb.emit(relax.op.where(fix, relax.op.add(m, b), m))
+
+
+def _log1p_te(x: te.Tensor) -> te.Tensor:
+    wide = "float64"
+
+    def f(*i):
+        v = tirx.Cast(wide, x(*i))
+        c = lambda value: tirx.const(value, wide)
+        # |x| < 1/4: log1p(x) = 2 atanh(s), s = x / (2 + x): 2 (s + s^3/3 + ...), 13 terms
+        # (s^2 < 0.021: the rest < 1e-21 relative); no 1 + x that drops digits. Beyond 1/4,
+        # log(1 + x) is within 2 ulp (|log| > 0.22)
+        s = v / (c(2.0) + v)
+        t = s * s
+        series = c(1.0 / 25)
+        for k in range(23, 0, -2):
+            series = series * t + c(1.0 / k)
+        out = tirx.Select(tirx.abs(v) < c(0.25), c(2.0) * s * series, tirx.log(v + c(1.0)))
+        return tirx.Cast(x.dtype, out)
+
+    return te.compute(x.shape, f, name="log1p")
+
+
+@register_lowering("aten::log1p.default")
+def _log1p(node: fx.Node, importer) -> relax.Expr:
+    x = importer.env[node.args[0]]
+    if not _dtype(x).startswith("float"):
+        return importer.builtin[node.target.__name__](node)
+    return importer.block_builder.emit_te(_log1p_te, x, primfunc_name_hint="log1p")
+
+
+@register_lowering("aten::softplus.default")
+def _softplus(node: fx.Node, importer) -> relax.Expr:
+    """softplus with the accurate log1p (TVM's log(1 + exp(x)) is 1e-3 off at x = -10)."""
+    x = importer.env[node.args[0]]
+    if not _dtype(x).startswith("float"):
+        return importer.builtin[node.target.__name__](node)
+    beta = float(node.args[1] if len(node.args) > 1 else node.kwargs.get("beta", 1.0))
+    threshold = float(node.args[2] if len(node.args) > 2 else node.kwargs.get("threshold", 20.0))
+    bb, dtype = importer.block_builder, _dtype(x)
+    bx = bb.emit(relax.op.multiply(x, relax.const(beta, dtype)))
+    soft = bb.emit_te(_log1p_te, bb.emit(relax.op.exp(bx)), primfunc_name_hint="log1p")
+    soft = relax.op.divide(soft, relax.const(beta, dtype))
+    return bb.emit(relax.op.where(relax.op.greater(bx, relax.const(threshold, dtype)), x, soft))

@@ -126,3 +126,29 @@ def test_full_with_inf_fill_compiles():
     x = torch.randn(2, 3)
     _check(lambda a: torch.maximum(a, torch.full((2, 3), float("-inf"))), x)
     _check(lambda a: a + torch.full((2, 3), float("nan")), x)
+
+
+def test_max_min_reductions_keep_inf_and_nan():
+    # a fully masked attention row: max of -inf must be -inf (TVM reduced from -3.4e38)
+    x = torch.tensor([[float("-inf")] * 4, [1.0, float("nan"), 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]])
+    _check(lambda a: (a.amax(1), a.amin(1), a.amax(), a.amin((0, 1), keepdim=True)), x)
+    _check(lambda a: (-a).amin(1, keepdim=True), x)
+    _check(lambda a: (a.amax(0), a.amin(1)), torch.randn(33, 70))
+
+
+def test_float_remainder_edge_cases():
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([5.0, -5, 5, -5, inf, -inf, nan, 5, 0, -0.0, 7.5, -7.5, 3, 1e30])
+    y = torch.tensor([inf, inf, -inf, -inf, 3, 3, 3, nan, 2, 2, 2, -2, 0, 7])
+    _check(lambda a, b: (torch.remainder(a, b), torch.remainder(a, -3.0)), x, y)
+    _check(torch.remainder, x.double(), y.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log1p_accurate_near_zero(dtype):
+    x = torch.tensor([-10.0, -1e-5, 1e-30, 1e-4, -0.9, 3.0, 1e30, -1, float("inf"),
+                      float("nan"), 0.2499, -0.25, 0.5], dtype=dtype)
+    x = torch.cat([x, torch.linspace(-0.99, 2.0, 97, dtype=dtype)])
+    rtol = 2e-7 if dtype == torch.float32 else 5e-16
+    _check(torch.log1p, x, rtol=rtol)
+    _check(torch.nn.functional.softplus, x[torch.isfinite(x)], rtol=rtol)
