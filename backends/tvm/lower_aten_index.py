@@ -61,7 +61,7 @@ def _identity(reduce: str, dtype: str) -> relax.Expr:
     return relax.const(int(info.min if reduce == "amax" else info.max), dtype)
 
 
-def _crop(bb, x: relax.Expr, shape: list[int], keep: int) -> relax.Expr:
+def _crop(bb, x: relax.Expr, shape: list[int], keep: int | None = None) -> relax.Expr:
     """x[:shape[0], :shape[1], ...], dim `keep` whole."""
     dims = [d for d, (s, n) in enumerate(zip(shape, _shape_of(x))) if d != keep and s < n]
     if not dims:
@@ -88,7 +88,7 @@ def _scatter(node, importer, x, dim: int, index, src, reduction: str) -> relax.E
     bb = importer.block_builder
     xs, ixs = _shape(x, node), _shape(index, node)
     dim %= len(xs)
-    src = _crop(bb, src, ixs, -1)
+    src = _crop(bb, src, ixs)  # torch reads src only where index has an element
     cropped = [d for d in range(len(xs)) if d != dim and ixs[d] < xs[d]]
     part = _crop(bb, x, ixs, dim)
     out = bb.emit(relax.op.scatter_elements(part, index, src, dim, reduction))
