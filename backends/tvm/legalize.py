@@ -55,15 +55,34 @@ def full_nonfinite(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
                       primfunc_name_hint="full")
 
 
+def _nan_extreme(is_max: bool):
+    """The combiner of a NaN-propagating max or min: NaN wins, as in PyTorch (isnan, since
+    a != a could be simplified away)."""
+    pick = tirx.max if is_max else tirx.min
+
+    def combine(a, b):
+        return tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, pick(a, b)))
+    return combine
+
+
+def _register_reducers() -> None:
+    """Tell TVM's rfactor about the two reducers, so the reduction schedule rules (vectors of
+    partial maxima, schedules/reduction.py) still apply to them: rfactor only splits reducers
+    it recognizes, and dynamic quantization takes a min and a max of every quantized input."""
+    register = tvm.get_global_func("s_tir.schedule.RegisterReducer")
+    for combine, inf in ((_nan_extreme(True), -math.inf), (_nan_extreme(False), math.inf)):
+        register(1, lambda x, y, c=combine: [c(x[0], y[0])],
+                 lambda values, v=inf: [tirx.const(v, str(values[0].ty.dtype))])
+
+
+_register_reducers()
+
+
 def _extreme(x: te.Tensor, axis, keepdims: bool, is_max: bool) -> te.Tensor:
     ndim = len(x.shape)
     reduced = sorted({int(a) % ndim for a in axis}) if axis is not None else list(range(ndim))
-    pick = tirx.max if is_max else tirx.min
-
-    def combine(a, b):  # NaN wins, as in PyTorch (isnan: a != a could be simplified away)
-        return tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, pick(a, b)))
-
-    reducer = te.comm_reducer(combine, lambda t: tirx.const(-math.inf if is_max else math.inf, t),
+    reducer = te.comm_reducer(_nan_extreme(is_max),
+                              lambda t: tirx.const(-math.inf if is_max else math.inf, t),
                               name="nan_max" if is_max else "nan_min")
     k = {a: te.reduce_axis((0, x.shape[a]), f"k{a}") for a in reduced}
     shape = [1 if a in k else n for a, n in enumerate(x.shape) if keepdims or a not in k]
