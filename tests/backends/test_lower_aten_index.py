@@ -17,6 +17,7 @@ from graphc.backends.tvm.schedules.common import root_blocks
 from graphc.backends.tvm.schedules.elementwise import Injective
 from graphc.backends.tvm.schedules.layout import wrap_root_block
 from graphc.errors import UnsupportedOpError
+from tests.models.zoo import Fn
 
 TOL = 1e-5
 
@@ -77,15 +78,6 @@ def test_rules_decline_a_kernel_without_root_block():
 
 
 # ---- scatter / scatter_reduce / index_put (lower_aten_index.py) ------------------------------
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
 
 def test_scatter_with_an_index_smaller_than_self():
     # index [2, 2, 1, 1] into self [3, 3, 4, 2] along dim 2: TVM's converter offset the rows

@@ -6,19 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import graphc
 from graphc.errors import UnsupportedOpError
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
+from tests.models.zoo import Fn
 
 
 def _check(fn, *args, atol: float = 0.0, rtol: float = 0.0):

@@ -7,6 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Fn(nn.Module):
+    """A function of the inputs as a module (no weights): one op under test."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
 def randomize_batchnorm(model: nn.Module) -> nn.Module:
     """Non-trivial batchnorm statistics, so folding them is really tested."""
     for m in model.modules():
