@@ -70,9 +70,17 @@ def _register_reducers() -> None:
     partial maxima, schedules/reduction.py) still apply to them: rfactor only splits reducers
     it recognizes, and dynamic quantization takes a min and a max of every quantized input."""
     register = tvm.get_global_func("s_tir.schedule.RegisterReducer")
-    for combine, inf in ((_nan_extreme(True), -math.inf), (_nan_extreme(False), math.inf)):
-        register(1, lambda x, y, c=combine: [c(x[0], y[0])],
-                 lambda values, v=inf: [tirx.const(v, str(values[0].ty.dtype))])
+    for name, combine, inf in (("max", _nan_extreme(True), -math.inf),
+                               ("min", _nan_extreme(False), math.inf)):
+        # Held by TVM's global function table too, which is never destroyed: the reducer
+        # registry is, at process exit, and dropping the last reference to a Python
+        # callback after the interpreter has finalized corrupts the heap.
+        tvm.register_global_func(f"graphc.nan_{name}.combiner", override=True)(
+            lambda x, y, c=combine: [c(x[0], y[0])])
+        tvm.register_global_func(f"graphc.nan_{name}.identity", override=True)(
+            lambda values, v=inf: [tirx.const(v, str(values[0].ty.dtype))])
+        register(1, tvm.get_global_func(f"graphc.nan_{name}.combiner"),
+                 tvm.get_global_func(f"graphc.nan_{name}.identity"))
 
 
 _register_reducers()

@@ -4,6 +4,10 @@ bitcasts, one-sided integer clamps, sinh/cosh at vector widths, empty split piec
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -143,3 +147,17 @@ def test_log1p_accurate_near_zero(dtype):
     rtol = 2e-7 if dtype == torch.float32 else 5e-16
     _check(torch.log1p, x, rtol=rtol)
     _check(torch.nn.functional.softplus, x[torch.isfinite(x)], rtol=rtol)
+
+
+def test_process_with_nan_max_reducers_exits_cleanly():
+    """legalize.py registers its NaN-propagating max/min with TVM's rfactor. TVM's reducer
+    registry is destroyed at exit, after the interpreter: a Python callback it held alone
+    corrupted the heap there ("double free or corruption", exit by SIGABRT)."""
+    code = ("import torch, graphc\n"
+            "from tests.models.zoo import Fn\n"
+            "x = torch.randn(4, 64)\n"
+            "cm = graphc.compile(Fn(lambda t: t.amax(1)), (x,), target='cpu')\n"
+            "assert torch.equal(cm(x), x.amax(1))\n")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
