@@ -11,6 +11,8 @@
 - aten.adaptive_max_pool2d: no converter at all. Lowered with topi's adaptive max pool
   (the same windows as PyTorch's: start floor(i * H / oh), end ceil((i + 1) * H / oh));
   a graph that reads the indices is refused rather than given zeros.
+- aten.convolution transposed over 3 spatial dims: TVM raises a bare ValueError; refused with
+  the node's name instead.
 """
 
 from __future__ import annotations
@@ -107,3 +109,18 @@ def _sort_stable(node, importer) -> relax.Expr:
     bb = importer.block_builder
     idx = bb.emit(relax.op.argsort(x, dim, bool(node.kwargs.get("descending", False)), "int64"))
     return bb.emit(relax.Tuple([bb.emit(relax.op.gather_elements(x, idx, dim)), idx]))
+
+
+# aten.convolution, transposed, over 3 spatial dims: TVM 0.27's converter raises a bare
+# ValueError ("Unsupported transposed convolution dimensionality: 5"). Refused by name here;
+# every other convolution goes to TVM's converter.
+@register_lowering("aten::convolution.default")
+def _convolution(node, importer) -> relax.Expr:
+    x = importer.env[node.args[0]]
+    transposed = bool(node.args[6]) if len(node.args) > 6 else False
+    if transposed and x.ty.ndim not in (3, 4):
+        raise UnsupportedOpError(
+            f"tvm backend: %{node.name} ({node.target}) is a transposed convolution over "
+            f"{x.ty.ndim - 2} spatial dims; TVM 0.27 lowers transposed convolutions in 1 or 2 "
+            "dims only (the torch backend runs it: target='torch')")
+    return importer.builtin["convolution.default"](node)

@@ -18,6 +18,7 @@ import tvm
 from torch import nn
 from tvm import relax
 
+import graphc
 from graphc.backends import torch_backend
 from graphc.backends.tvm import LOWERINGS, PRESETS, build, register_lowering
 from graphc.backends.tvm.lower import op_key
@@ -455,3 +456,11 @@ def test_torch_backend_runs_and_saves(tmp_path):
     unsaveable = torch_backend.build(model, **specs)
     with pytest.raises(GraphcError, match="use target='cpu'"):
         unsaveable.save(tmp_path / "u.graphc")
+
+
+def test_transposed_3d_convolution_is_refused_by_name():
+    model = torch.nn.ConvTranspose3d(2, 3, 3).eval()
+    x = torch.randn(1, 2, 4, 4, 4)
+    with pytest.raises(UnsupportedOpError, match=r"%convolution .*transposed convolution over "
+                                                 r"3 spatial dims"):
+        graphc.compile(model, (x,), target="cpu")
