@@ -94,13 +94,15 @@ def test_min_sparsity_skips_denser_layers(net):
 
 def test_auto_keeps_the_kernel_only_where_measured_faster():
     """Batch 32 on 384-wide layers: at 95% zeros the kernel ran 2.6-2.9x faster than the
-    dense layer here, at 50% 0.7-0.8x (benchmarks/sparse.py): both far from the 5% margin."""
+    dense layer here, at 50% 0.7-0.8x (benchmarks/sparse.py), so at 40% slower still: both
+    far from the 5% margin (at 50% one CI run, sharing its 2 cores with a benchmark,
+    measured the kernel faster)."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(384, 384), nn.ReLU(), nn.Linear(384, 384)).eval()
     _zero(m[0], 0.95)
-    _zero(m[2], 0.5)
+    _zero(m[2], 0.4)
     x = torch.randn(32, 384)
-    s = sparsify(graphc.trace(m, (x,)), mode="auto", min_sparsity=0.4)
+    s = sparsify(graphc.trace(m, (x,)), mode="auto", min_sparsity=0.3)
     rows = {r["layer"]: r for r in s.meta["sparsify"]["layers"]}
     print({k: (r["dense_ms"], r["kernel_ms"], r["storage_ms"], r["verdict"])
            for k, r in rows.items()})
