@@ -31,6 +31,7 @@ from . import cross
 from .decode_chain import cache_decoded_chains, mark_decoded_layout_free
 from .legalize import LEGALIZATIONS
 from .lower import import_program
+from .nhwc import layout_passes
 from .pad_into_conv import pad_into_conv
 from .runtime import runner_from_executable
 from .schedules import default_rules, layout
@@ -56,6 +57,7 @@ def optimize_passes(target: tvm.target.Target, options: dict | None = None) -> l
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         pad_into_conv,  # before FuseOps would fuse each pad into its producer's kernel
+        *layout_passes(options or {}),  # "cpu+nhwc": convs in NHWC (nhwc.py)
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(customize_legalize_map=LEGALIZATIONS),

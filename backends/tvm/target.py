@@ -69,14 +69,17 @@ def _cuda() -> dict:
     return cuda_target()
 
 
+# float convs in NHWC, channels innermost (nhwc.py; opt-in: see its measurements)
+CPU_OPTIONS = {"nhwc": {"layout": "NHWC"}}
+
 PRESETS: dict[str, Preset] = {
-    "cpu": Preset("this host's CPU", _host_cpu),
-    "x86": Preset("generic x86-64 (x86-64-v2)", _generic_x86),
+    "cpu": Preset("this host's CPU", _host_cpu, options=CPU_OPTIONS),
+    "x86": Preset("generic x86-64 (x86-64-v2)", _generic_x86, options=CPU_OPTIONS),
     "arm": Preset("64-bit ARM (aarch64, armv8-a + NEON), cross-compiled", _generic_arm, {
         "dotprod": ("+dotprod",),  # sdot/udot: int8 dot products, 4 per int32 lane
         # usdot (u8 x s8) and the smmla family; every i8mm core (armv8.6-a) has dotprod too
         "i8mm": ("+dotprod", "+i8mm"),
-    }),
+    }, options=CPU_OPTIONS),
     "cuda": Preset("NVIDIA GPU (CUDA)", _cuda, options={
         # ToMixedPrecision: matmul/conv inputs in float16, their accumulators in float32
         "fp16": {"precision": "float16"},

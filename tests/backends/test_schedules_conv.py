@@ -1,6 +1,7 @@
-"""The conv2d schedule rule (backends/tvm/schedules/conv.py) on odd shapes, for an AVX-512 and
-an AVX2 target: every conv kernel is scheduled by the expected variant of the rule, and the
-compiled model matches PyTorch."""
+"""The conv2d schedule rule (backends/tvm/schedules/conv.py, conv_nhwc.py) on odd shapes, for
+an AVX-512 and an AVX2 target, with the graph in NCHW and converted to NHWC (nhwc.py): every
+conv kernel is scheduled by the expected variant of the rule, and the compiled model matches
+PyTorch."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from tests.models.zoo import randomize_batchnorm
 AVX512 = "cpu"  # this host; an AVX-512 CPU (checked below), else the test says so
 AVX2 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
 TARGETS = {"avx512": AVX512, "avx2": AVX2}
+# the graph converted to NHWC (backends/tvm/nhwc.py): AVX-512, and x86-64-v2's 4-lane SSE
+NHWC_TARGETS = {"avx512+nhwc": "cpu+nhwc", "sse+nhwc": "x86+nhwc"}
 
 
 class ConvEpilogue(nn.Module):
@@ -98,17 +101,23 @@ def split_funcs(script: str) -> dict[str, str]:
 
 
 def conv_kernels(funcs: dict[str, str]) -> dict[str, str]:
-    return {n: t for n, t in funcs.items() if re.search(r'T\.sblock\("(group_)?conv2d_nchw', t)}
+    return {n: t for n, t in funcs.items() if re.search(r'T\.sblock\("(group_)?conv2d_n', t)}
 
 
-@pytest.mark.parametrize("isa", list(TARGETS))
+def nhwc_variant(variant: str) -> str:
+    return "nhwc_depthwise" if variant == "depthwise" else "nhwc_channel_vector"
+
+
+@pytest.mark.parametrize("isa", [*TARGETS, *NHWC_TARGETS])
 @pytest.mark.parametrize("case", list(CASES))
 def test_conv_rule(case, isa):
     ic, oc, k, stride, pad, groups, dil, (n, h, w), epi, variant = CASES[case]
+    if isa in NHWC_TARGETS:
+        variant = nhwc_variant(variant)
     torch.manual_seed(0)
     model = randomize_batchnorm(ConvEpilogue(ic, oc, k, stride, pad, groups, dil, epi=epi))
     x = torch.randn(n, ic, h, w)
-    cm, ref, funcs = compile_with_tir(model, (x,), TARGETS[isa])
+    cm, ref, funcs = compile_with_tir(model, (x,), {**TARGETS, **NHWC_TARGETS}[isa])
     kernels = conv_kernels(funcs)
     assert len(kernels) == 1, f"expected one conv kernel, got {list(kernels)}"
     (name, text), = kernels.items()

@@ -54,6 +54,7 @@ class Conv:
     kw: int
     ic: int
     stride_w: int
+    layout: str = "NCHW"    # or "NHWC" (nhwc.py converted the graph; conv_nhwc.py schedules)
 
     @property
     def groups(self) -> int:
@@ -69,13 +70,24 @@ class Conv:
         return self.icg == 1 and self.groups == self.oc and self.groups > 1
 
 
+# TOPI's conv block name -> (layout, positions of n, oc, oh, ow, icg, kh, kw among its iter
+# vars, the iter var and input dim of the output column). TOPI orders the reduction axes as
+# the layout orders them: (rc, ry, rx) for NCHW, (ry, rx, rc) for NHWC.
+LAYOUTS = {
+    "conv2d_nchw": ("NCHW", (0, 1, 2, 3, 4, 5, 6), 3),
+    "group_conv2d_nchw": ("NCHW", (0, 1, 2, 3, 4, 5, 6), 3),
+    "conv2d_nhwc": ("NHWC", (0, 3, 1, 2, 6, 4, 5), 2),
+    "group_conv2d_nhwc": ("NHWC", (0, 3, 1, 2, 6, 4, 5), 2),
+}
+
+
 def parse(func: tirx.PrimFunc) -> Conv | None:
-    """The conv blocks of `func`, or None when it is not a TOPI NCHW conv2d + epilogue (fp32, or
-    uint8/int8 x int8 accumulating in int32)."""
+    """The conv blocks of `func`, or None when it is not a TOPI NCHW or NHWC conv2d + epilogue
+    (fp32, or uint8/int8 x int8 accumulating in int32)."""
     sch = s_tir.Schedule(func)
     blocks = root_blocks(sch)
     names = [sch.get(b).name_hint for b in blocks]
-    idx = [i for i, n in enumerate(names) if n in ("conv2d_nchw", "group_conv2d_nchw")]
+    idx = [i for i, n in enumerate(names) if n in LAYOUTS]
     if len(idx) != 1 or idx[0] > 1 or (idx[0] == 1 and names[0] != "pad_temp"):
         return None
     i = idx[0]
@@ -91,10 +103,12 @@ def parse(func: tirx.PrimFunc) -> Conv | None:
     n_epi = 0
     while n_epi < len(after) and _extents(sch, after[n_epi]) == ext[:4]:
         n_epi += 1
+    layout, pos, col = LAYOUTS[names[i]]
     data = stmt.reads[0]
     return Conv(sch, blocks[0] if i == 1 else None, blocks[i], after[:n_epi], after[n_epi:],
-                *ext, ic=int(data.source.shape[1]),
-                stride_w=strided.column_stride(data.region[3].min, stmt.iter_vars[3].var))
+                *(ext[p] for p in pos), ic=int(data.source.shape[layout.index("C")]),
+                stride_w=strided.column_stride(data.region[col].min, stmt.iter_vars[col].var),
+                layout=layout)
 
 
 # (input, weight, accumulator) dtypes the rule schedules. Integer convs (qconv2d) take the
@@ -221,7 +235,7 @@ def schedule_pad(c: Conv, lanes: int) -> None:
         sch.compute_inline(c.pad)
         c.pad = None
         return
-    if not c.depthwise:
+    if not c.depthwise:  # a depthwise conv pads per channel plane or tile, where it reads
         parallel_rows(sch, c.pad, lanes, c.parallel)
 
 
@@ -366,7 +380,11 @@ class Conv2D(dlight.ScheduleRule):
         schedule_pad(c, isa.f32_lanes)
         schedule_tail(c, isa.f32_lanes)
         t = tiles_for(isa)
-        if c.depthwise:
+        if c.layout == "NHWC":
+            from . import conv_nhwc  # it imports this module's helpers
+
+            conv_nhwc.schedule(c, t, isa.f32_lanes)
+        elif c.depthwise:
             schedule_depthwise(c, *choose_depthwise(c, t), lanes=isa.f32_lanes)
         elif (pw := choose_pointwise(c, t)) is not None:
             schedule_pointwise(c, *pw)

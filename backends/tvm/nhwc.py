@@ -1,0 +1,120 @@
+"""convert-nhwc: a Relax pass that runs a CNN's float convolutions in NHWC (target "cpu+nhwc").
+
+PyTorch hands graphc NCHW. For depthwise convs NCHW is the wrong layout on a CPU: a channel's
+plane is only HxW, so at MobileNetV2's 14x14 and 7x7 layers vectors along a row are short
+and half their lanes idle (onnxruntime converts the whole model to NCHWc for this). In NHWC
+the channels are innermost, every conv kernel vectorizes over them (schedules/conv_nhwc.py),
+and TVM's ConvertLayout carries the layout through the elementwise ops, adds, pads and means
+between convs, so the transposes are left at the model's input and output only.
+
+    before  conv2d(x: NCHW, w: OIHW) -> clip -> conv2d ...
+    after   permute_dims(x) -> conv2d(NHWC, OHWI) -> maximum/minimum -> conv2d ... -> permute_dims
+
+Opt-in, not the default: measured on MobileNetV2 (2-core Zen 4, per kernel, us) NHWC wins
+on depthwise convs (960ch 7x7: 62 -> 18; 96ch 112x112 stride 2: 281 -> 106; 144ch 56x56:
+107 -> 80) but loses on 1x1 convs with few input channels (24 -> 144 at 56x56: 120 -> 245,
+where NCHW has its pointwise schedule) and on depthwise at 14x14 (68 -> 85, the per-tile
+padding), and the model's input transpose costs 0.12 ms: 7.34 ms for the whole model against
+4.98 in NCHW.
+
+When the conversion would leave more than the boundary transposes (an op ConvertLayout
+cannot carry puts a transpose pair around each use), the module stays NCHW, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+log = logging.getLogger(__name__)
+
+DESIRED = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+
+
+@mutator
+class _ClipToMinMax(PyExprMutator):
+    """clip(x, lo, hi) -> minimum(maximum(x, lo), hi): TVM 0.27's clip has no layout
+    inference, so ConvertLayout would wrap every ReLU6 in a transpose pair; maximum and
+    minimum with a scalar carry any layout. Same values (both legalize to max/min)."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.clip"):
+            return call
+        x, lo, hi = call.args
+        dtype = str(x.ty.dtype)
+        if not dtype.startswith("float"):
+            return call
+        lo, hi = (relax.const(float(v.value), dtype) for v in (lo, hi))
+        return relax.op.minimum(relax.op.maximum(x, lo), hi)
+
+
+def _map_functions(mod: tvm.IRModule, visit) -> tvm.IRModule:
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gv] = visit(func)
+    return out
+
+
+def _calls(mod: tvm.IRModule, name: str, keep=lambda call: True) -> list[relax.Call]:
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == name \
+                and keep(e):
+            found.append(e)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def _is_float_nchw(call: relax.Call) -> bool:
+    return str(call.args[0].ty.dtype).startswith("float") and call.attrs.data_layout == "NCHW"
+
+
+def _on_activation(call: relax.Call) -> bool:
+    # a permute_dims of a constant (a weight) is folded at compile time; only those of
+    # activations run per call
+    return not isinstance(call.args[0], tvm.ir.expr.Constant)
+
+
+def _boundary(mod: tvm.IRModule) -> int:
+    """Transposes a converted main may need: one per 4-D input and per output."""
+    main = mod["main"]
+    ret = main.ret_ty
+    outs = len(ret.fields) if isinstance(ret, relax.TupleType) else 1
+    return len(main.params) + outs
+
+
+@tvm.transform.module_pass(opt_level=0, name="graphc.ConvertNHWC")
+def convert_nhwc(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """float conv2d NCHW -> conv2d NHWC, transposes at the model's edges."""
+    if not _calls(mod, "relax.nn.conv2d", _is_float_nchw):
+        return mod
+    before = len(_calls(mod, "relax.permute_dims", _on_activation))
+    converted = _map_functions(mod, _ClipToMinMax(mod).visit_expr)
+    converted = tvm.transform.Sequential([
+        relax.transform.ConvertLayout(DESIRED),
+        relax.transform.Normalize(),
+        relax.transform.FoldConstant(),
+        # an input used by a conv and a residual add is transposed once, not once per use
+        relax.transform.EliminateCommonSubexpr(),
+    ])(converted)
+    added = len(_calls(converted, "relax.permute_dims", _on_activation)) - before
+    if added > _boundary(mod):
+        log.warning("cpu+nhwc: converting to NHWC would add %d transposes (an op TVM's "
+                    "ConvertLayout cannot carry sits between convs); the model stays NCHW",
+                    added)
+        return mod
+    return converted
+
+
+def layout_passes(options: dict) -> list:
+    """The layout phase of optimize_passes for a target's options ("cpu+nhwc": NHWC)."""
+    return [convert_nhwc] if options.get("layout") == "NHWC" else []
