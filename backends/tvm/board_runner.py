@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import lzma
 import os
 import sys
 import tempfile
@@ -121,7 +122,7 @@ def _members(artifact: Path) -> dict[str, bytes]:
             if len(set(names)) != len(names):
                 sys.exit(f"board_runner: {artifact}: a member name appears twice")
             return {n: zf.read(n) for n in names if not n.endswith("/")}
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, OSError, EOFError) as e:
         sys.exit(f"board_runner: {artifact} is not a graphc artifact or is corrupt ({e})")
 
 

@@ -185,3 +185,22 @@ def test_board_runner_runs_the_good_artifact(good, tmp_path):
                           timeout=120, check=False, env={**os.environ, "PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stderr[-800:]
     assert "out0: float32[2, 4]" in proc.stdout
+
+
+def test_members_take_the_smaller_compression_and_main_stays_deflated(good, tmp_path):
+    """compiled._method: each member is deflated or LZMA-compressed, whichever is smaller;
+    __main__.py is always deflated (zipimport, which runs `python3 good.graphc` in the test
+    above, reads no LZMA member)."""
+    with zipfile.ZipFile(good) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+        members = {n: zf.read(n) for n in infos}
+    assert infos["__main__.py"].compress_type == zipfile.ZIP_DEFLATED
+    assert infos[LIB].compress_type == zipfile.ZIP_LZMA  # machine code: LZMA wins
+    for name, data in members.items():
+        for method in (zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA):
+            with zipfile.ZipFile(tmp_path / "one.zip", "w", method) as zf:
+                zf.writestr(name, data)
+            with zipfile.ZipFile(tmp_path / "one.zip") as zf:
+                other = zf.getinfo(name).compress_size
+            if name != "__main__.py":
+                assert infos[name].compress_size <= other, (name, method)
