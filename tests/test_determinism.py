@@ -1,11 +1,10 @@
 """Determinism (graphc issue 8, part 4): the same model, passes and target give byte-identical
 artifacts, and identical outputs across runs and thread counts.
 
-Covered: a conv net, a transformer block and an int8 model. What makes artifacts
-reproducible: fixed zip dates and modes, no wall-clock timings in the saved meta
-(graphc/compiled.py). Not covered: models with weight-sharing decode or sparse decode
-layers, whose lib.so holds a random tensor-cache key per layer (backends/tvm/
-lower_codebook.py cache_key, see docs/debugging.md).
+Covered: a conv net, a transformer block, an int8 model and weight-sharing decode layers.
+What makes artifacts reproducible: fixed zip dates and modes, no wall-clock timings in the
+saved meta (graphc/compiled.py), tensor-cache keys of decoded weights made from the
+weights' digest (backends/tvm/lower_codebook.py cache_key, see docs/debugging.md).
 """
 
 from __future__ import annotations
@@ -89,8 +88,8 @@ def test_same_artifact_from_another_process(case, tmp_path):
 
 def test_weight_sharing_decode_artifact_is_reproducible(tmp_path):
     """Decode-once layers name their cached weight from the weights' digest, the node and
-    the cached layout (lower_codebook.cache_key, decode_chain), and number their flags per
-    module, so two compiles give the same lib.so."""
+    the cached layout (lower_codebook.cache_key, decode_chain), so two compiles give the
+    same lib.so (its init function, decode_once.py, holds the names)."""
     model, inputs = build("mlp")
     g = graphc.trace(model, inputs)
     for name in ("a", "b"):

@@ -33,6 +33,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+INIT = "graphc_init"  # the executable's load-time function (graphc's decode_once.INIT)
 # graphc's short dtype names (graphc/spec.py) -> numpy's
 DTYPES = {"f32": "float32", "f16": "float16", "f64": "float64", "i64": "int64", "i32": "int32",
           "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
@@ -77,6 +78,8 @@ def run_one(artifact: Path, inputs: str | None, outputs: str | None, repeat: int
 
     meta, members = _meta(artifact)
     vm = VirtualMachine(_load_lib(members, tvm), tvm.cpu())
+    if vm.module.implements_function(INIT):
+        vm[INIT]()  # shared / sparse weights: decoded once, at load (decode_once.py)
     main = vm["main"]
     arrays = _inputs(meta["input_specs"], inputs)
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]

@@ -1,20 +1,20 @@
-"""Weights decoded once stay decoded once: the kernels' relayout of them moves into the cache.
+"""Weights decoded once stay decoded once: the kernels' relayout of them moves into the decode.
 
-A decode-once function (lower_codebook.py: codebook weights; lower_sparse.py: sparse ones)
-caches the flat dense weight on the first call. What `main` does with it next is a chain of
-kernels whose only input is that weight: a reshape to the layer's shape, the transpose a
-matmul wants, the `_weight_prepack` a conv schedule adds (schedules/layout.py; FoldConstant
-runs it at compile time on a constant weight, but a decoded weight is not a constant). Left in
-`main`, the chain runs on every call; on ResNet-18 that is every weight read and written
-again per inference. This pass moves such a chain into the decode-once function's
-first-call branch and caches the chain's result instead:
+A decode function (decode_once.py; lower_codebook.py: codebook weights; lower_sparse.py:
+sparse ones) gives the flat dense weight, and decode_once.decode_at_load runs it once, when
+the model loads. What `main` does with it next is a chain of kernels whose only input is
+that weight: a reshape to the layer's shape, the transpose a matmul wants, the
+`_weight_prepack` a conv schedule adds (schedules/layout.py; FoldConstant runs it at compile
+time on a constant weight, but a decoded weight is not a constant). Left in `main`, the
+chain runs on every call; on ResNet-18 that is every weight read and written again per
+inference. This pass moves such a chain into the decode function, so that what is decoded
+(and cached) is the chain's result:
 
-    main:   w = decode_once(flag, packed, codebook)         main:  p = decode_once'(flag, ...)
+    main:   w = decode_once(packed, codebook)              main:  p = decode_once'(packed, ...)
             r = call_tir(reshape, (w,))                ->          y = call_tir(conv, (x, p))
             p = call_tir(conv_weight_prepack, (r,))
             y = call_tir(conv, (x, p))
-    decode_once':  if decoded: p = tensor_cache.get(key)
-                   else: w = decode(...); r = reshape(w); p = prepack(r); tensor_cache.update(key, p)
+    decode_once':  w = decode(...); r = reshape(w); p = prepack(r); return p
 
 A link joins the chain only if it is the previous value's single use and reads no other
 variable (constants are fine), so nothing that depends on the inputs is cached.
@@ -30,14 +30,13 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from .lower_codebook import DECODE_ONCE
+from .decode_once import DECODE_ONCE, decode_funcs
 
 
 @tvm.transform.module_pass(opt_level=0, name="GraphcCacheDecodedChains")
 def cache_decoded_chains(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """decode-once call + single-use relayout chain in main -> one cached call."""
-    once = {gv: f for gv, f in mod.functions_items()
-            if isinstance(f, relax.Function) and f.attrs is not None and DECODE_ONCE in f.attrs}
+    """decode call + single-use relayout chain in main -> one decode call."""
+    once = decode_funcs(mod)
     if not once or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod
     bb = relax.BlockBuilder(mod)  # add_func gives the new functions typed GlobalVars
@@ -119,39 +118,22 @@ def _pure_op(call: relax.Call) -> bool:
 
 def _extend(func: relax.Function, links, start: relax.Var, mod: tvm.IRModule
             ) -> relax.Function:
-    """func with `links` (main's bindings, reading `start` first) appended to its first-call
-    branch, caching and returning the last link's value."""
+    """func with `links` (main's bindings, reading `start` first) appended, returning the
+    last link's value."""
     # the cached tensor is now in the links' layout: its name says which (two compiles of
     # one model, e.g. tuned and not, must not share a cache entry)
     key = f"{func.attrs[DECODE_ONCE]}/{_layout_hash(links, mod)}"
-    seq = func.body
-    (block,) = seq.blocks
-    *pre, test = block.bindings
-    cond = test.value
-    (miss_block,) = cond.false_branch.blocks
-    dense = miss_block.bindings[0]  # the decode kernel's call (lower_codebook._decode_once_func)
-    subst = {start: dense.var}
+    (block,) = func.body.blocks
+    subst = {start: func.body.body}  # the decode's result (decode_once.decode_func)
     fresh = []
     for link in links:
         var = relax.Var(link.var.name, link.var.ty)
         fresh.append(relax.VarBinding(var, _substitute(link.value, subst)))
         subst[link.var] = var
     last = fresh[-1].var
-    ty = last.ty
-    stored = relax.Var("stored", relax.ObjectType())
-    miss = relax.SeqExpr([relax.BindingBlock([dense, *fresh, relax.VarBinding(
-        stored, relax.Call(relax.ExternFunc("vm.builtin.tensor_cache.update"),
-                           [tvm.ir.StringImm(key), last,
-                            relax.prim_value(tvm.tirx.IntImm("bool", 1))],
-                           ty_args=[relax.ObjectType()]))])], last)
-    cached = relax.Var("cached", ty)
-    hit = relax.SeqExpr([relax.BindingBlock([relax.VarBinding(cached, relax.call_pure_packed(
-        "vm.builtin.tensor_cache.get", tvm.ir.StringImm(key), ty_args=ty))])], cached)
-    result = relax.Var("weight", ty)
-    body = relax.SeqExpr([relax.BindingBlock([*pre, relax.VarBinding(
-        result, relax.If(cond.cond, hit, miss))])], result)
+    body = relax.SeqExpr([relax.BindingBlock([*block.bindings, *fresh])], last)
     attrs = tvm.ir.make_node("ir.DictAttrs", **{**dict(func.attrs), DECODE_ONCE: key})
-    return relax.Function(func.params, body, ty, func.is_pure, attrs)
+    return relax.Function(func.params, body, last.ty, func.is_pure, attrs)
 
 
 def _layout_hash(links, mod: tvm.IRModule) -> str:
@@ -185,8 +167,7 @@ def mark_decoded_layout_free(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     packs a decoded weight as it packs a constant one (a `_weight_prepack` preproc), and
     cache_decoded_chains moves that prepack into the decode-once function. A kernel called
     from several places gets the mark only where every call passes a decoded value."""
-    once = {gv for gv, f in mod.functions_items()
-            if isinstance(f, relax.Function) and f.attrs is not None and DECODE_ONCE in f.attrs}
+    once = set(decode_funcs(mod))
     if not once or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod
     main = mod["main"]

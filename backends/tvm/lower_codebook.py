@@ -1,24 +1,17 @@
 """Relax lowerings of the codebook ops (graphc/ops_codebook.py): two ways to run a shared weight.
 
-decode (graphc::codebook_decode): the dense weight is decoded ONCE, on the first call, and
-    kept; lib.so stores only the packed indices and the codebook. Each weight gets a small
-    Relax function `codebook_decode_once_<i>(flag, packed, codebook)`:
-
-        if flag:  w = vm.builtin.tensor_cache.get(key)        # every later call
-        else:     w = decode(packed, codebook, flag)           # sets flag = True
-                  vm.builtin.tensor_cache.update(key, w)
-
-    `flag` is a small constant of this executable whose first word the decode kernel sets; `key` is
-    a random name made at compile time, kept in lib.so, for TVM's process-wide tensor cache
-    (part of the TVM runtime: the tvm + numpy board runner has it too). An artifact loaded
-    twice uses one key for the same weights: the second load decodes once more and replaces
-    the entry with equal values. Why not a plain
+decode (graphc::codebook_decode): the dense weight is decoded ONCE, when the model loads,
+    and kept; lib.so stores only the packed indices and the codebook. Each weight gets a
+    small Relax function `codebook_decode_once_<node>(packed, codebook)` that runs the
+    decode kernel (decode_once.decode_func). decode_chain.py adds the weight's relayout to
+    it, and decode_once.decode_at_load moves its call out of main into the executable's
+    init function, which the runners call once at load: main only reads the decoded weight
+    from TVM's process-wide tensor cache (part of the TVM runtime: the tvm + numpy board
+    runner has it too), under a name made at compile time (cache_key). Why not a plain
     decode in `main`: FoldConstant would evaluate it at compile time and store the dense
     fp32 weight in lib.so, undoing the compression; a call to a Relax function is not
-    folded. Why not LiftTransformParams: its transform_params function must be called by
-    the runner, and a saved artifact must keep `main(*inputs)` as its only entry point.
-    Caveats: the dense copies live as long as the process (TVM's cache has no owner to
-    free them with), and the first call must not run concurrently from two threads.
+    folded. Caveat: the dense copies live as long as the process (TVM's cache has no owner
+    to free them with).
 
 gather (graphc::codebook_linear, graphc::codebook_embedding): no dense weight exists at
     all. The linear kernel decodes a [KT, NT] tile of W into a per-thread buffer, then
@@ -33,22 +26,17 @@ so one kernel body serves both layouts (G = 1: the offset is 0).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import uuid
 
-import numpy as np
 import torch
-import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.script import tirx as T
 
+from .decode_once import decode_func
 from .lower import register_lowering
 
 op = relax.op
-_FLAG_IDS = itertools.count(1)
-FLAG = relax.TensorType((2,), "int32")
-DECODE_ONCE = "graphc.decode_once"  # attr of a decode-once function: its tensor-cache key
 
 
 def _args(node, importer) -> list:
@@ -74,16 +62,15 @@ def _index(p, bits: int, pos):
 # ---- decode once ------------------------------------------------------------------------
 def _decode_prim(bits: int, n: int, p_len: int, groups: int, span: int,
                  dtype: str = "float32") -> tirx.PrimFunc:
-    """decode(p u8[p_len], c[groups * 2^bits], flag i32[2], out[n]): out = c[fields]
-    (element i reads codebook i // span), then flag[0] = 1. One kernel per (bits, n,
-    groups, span, dtype): weights of one size and layout share it. dtype: the codebook's,
-    float32, or int8 for a codebook on an int8 grid (fold-fake-quant after share-weights)."""
+    """decode(p u8[p_len], c[groups * 2^bits], out[n]): out = c[fields] (element i reads
+    codebook i // span). One kernel per (bits, n, groups, span, dtype): weights of one size
+    and layout share it. dtype: the codebook's, float32, or int8 for a codebook on an int8
+    grid (fold-fake-quant after share-weights)."""
     size = 1 << bits
 
     @T.prim_func(private=True, check_well_formed=False)
     def decode(p: T.Buffer((p_len,), "uint8"), c: T.Buffer((groups * size,), dtype),
-               flag: T.Buffer((2,), "int32"), out: T.Buffer((n,), dtype)):
-        # scheduled here: the default rules would not expect the flag's second block
+               out: T.Buffer((n,), dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         with T.sblock("root"):
             for i in T.parallel(n):
@@ -95,8 +82,6 @@ def _decode_prim(bits: int, n: int, p_len: int, groups: int, span: int,
                     field = T.shift_right(T.bitwise_or(lo, T.shift_left(hi, 8)),
                                           T.Cast("int32", start % T.int64(8)))
                     out[vi] = c[vi // span * size + T.bitwise_and(field, size - 1)]
-            with T.sblock("mark"):
-                flag[0] = 1
 
     return decode
 
@@ -137,44 +122,6 @@ def weights_digest(importer) -> str:
     return importer.memo["weights-digest"]
 
 
-def flag_constant(importer) -> relax.Constant:
-    """A decode-once layer's "decoded yet?" flag: [0, a number no other flag of this module
-    has] (the VM may store equal constants once, and two layers must not share a flag)."""
-    ids = importer.memo.setdefault("decode-flag-ids", itertools.count(1))
-    return relax.const(np.array([0, next(ids)], np.int32))
-
-
-def _decode_once_func(prim: relax.GlobalVar, key: str, n: int, p_len: int, size: int,
-                      dtype: str = "float32"):
-    """Relax function (flag, packed, codebook) -> flat dense weight, decoded on first call."""
-    flat = relax.TensorType((n,), dtype)
-    flag = relax.Var("flag", FLAG)
-    packed = relax.Var("packed", relax.TensorType((p_len,), "uint8"))
-    codebook = relax.Var("codebook", relax.TensorType((size,), dtype))
-    cached = relax.Var("cached", flat)
-    hit = relax.SeqExpr([relax.BindingBlock([relax.VarBinding(cached, relax.call_pure_packed(
-        "vm.builtin.tensor_cache.get", tvm.ir.StringImm(key), ty_args=flat))])], cached)
-    dense, stored = relax.Var("dense", flat), relax.Var("stored", relax.ObjectType())
-    miss = relax.SeqExpr([relax.BindingBlock([
-        relax.VarBinding(dense, relax.call_tir(prim, [packed, codebook, flag], flat)),
-        relax.VarBinding(stored, relax.Call(relax.ExternFunc("vm.builtin.tensor_cache.update"),
-                                            [tvm.ir.StringImm(key), dense,
-                                             relax.prim_value(tirx.IntImm("bool", 1))],
-                                            ty_args=[relax.ObjectType()])),
-    ])], dense)
-    done = relax.Var("done", relax.TensorType((), "bool"))
-    test = relax.VarBinding(done, op.not_equal(op.take(flag, relax.const(0, "int64")),
-                                               relax.const(0, "int32")))
-    # the If bound to a var: TVMScript cannot print an If as a function's result expression
-    result = relax.Var("weight", flat)
-    body = relax.SeqExpr([relax.BindingBlock([test, relax.VarBinding(
-        result, relax.If(done, hit, miss))])], result)
-    # pure to its callers: every call returns the same tensor (memoization); the key marks
-    # it for decode_chain.py, which moves the weight's per-call relayout in here
-    attrs = tvm.ir.make_node("ir.DictAttrs", **{"relax.force_pure": True, DECODE_ONCE: key})
-    return relax.Function([flag, packed, codebook], body, flat, is_pure=False, attrs=attrs)
-
-
 @register_lowering("graphc::codebook_decode")
 def _codebook_decode(node, importer):
     codebook, packed, bits, shape = _args(node, importer)
@@ -184,10 +131,11 @@ def _codebook_decode(node, importer):
     bb = importer.block_builder
     p_len, dtype = int(packed.ty.shape[0]), str(codebook.ty.dtype)
     prim = _decode_gv(importer, bits, shape, p_len, groups, dtype)
-    func = _decode_once_func(prim, key, n, p_len, groups * size, dtype)
+    params = [relax.Var("packed", relax.TensorType((p_len,), "uint8")),
+              relax.Var("codebook", relax.TensorType((groups * size,), dtype))]
+    func = decode_func(prim, key, params, relax.TensorType((n,), dtype))
     gv = bb.add_func(func, f"codebook_decode_once_{node.name}")
-    flag = flag_constant(importer)
-    flat = bb.emit(relax.Call(gv, [flag, packed, codebook]))
+    flat = bb.emit(relax.Call(gv, [packed, codebook]))
     return bb.emit(op.reshape(flat, shape))
 
 

@@ -23,8 +23,8 @@ bsr_linear: y = x @ W.T (+ bias), W in BSR with R x C blocks, one hand-written T
     every local buffer into a TVMBackendAllocWorkspace call at its scope (no stack
     allocas), which cost ~0.2 ms per 1536 rows when they sat inside the row loop.
 
-sparse_decode: decoded ONCE at the first call with the codebook's decode-once machinery
-    (lower_codebook.py: a flag constant, TVM's process-wide tensor cache): lib.so stores the
+sparse_decode: decoded ONCE, when the model loads, with the codebook's machinery
+    (decode_once.py: an init function, TVM's process-wide tensor cache): lib.so stores the
     bitmask and the non-zero values, the kernels run on the dense weight.
 """
 
@@ -36,8 +36,9 @@ import numpy as np
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
+from .decode_once import decode_func
 from .lower import register_lowering
-from .lower_codebook import _args, _decode_once_func, cache_key, flag_constant
+from .lower_codebook import _args, cache_key
 from .schedules.isa import isa_of
 
 op = relax.op
@@ -200,15 +201,14 @@ def _bsr_linear(node, importer):
     return bb.emit(op.reshape(y, [*lead, n])) if x.ty.ndim != 2 else y
 
 
-# ---- sparse_decode: once, at the first call -----------------------------------------------
+# ---- sparse_decode: once, when the model loads -------------------------------------------
 def decode_kernel(n: int, nnz: int, mask_len: int):
-    """decode(mask u8[mask_len], values f32[nnz], flag i32[2], out f32[n]): out[i] = the next
-    value where bit i is set, else 0; then flag[0] = 1. Serial (a running count of set bits):
-    it runs once per process."""
+    """decode(mask u8[mask_len], values f32[nnz], out f32[n]): out[i] = the next value where
+    bit i is set, else 0. Serial (a running count of set bits): it runs once per load."""
 
     @T.prim_func(private=True, check_well_formed=False)
     def decode(mask: T.Buffer((mask_len,), "uint8"), values: T.Buffer((nnz,), "float32"),
-               flag: T.Buffer((2,), "int32"), out: T.Buffer((n,), "float32")):
+               out: T.Buffer((n,), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         with T.sblock("root"):  # noqa: SIM117  (TVMScript wants one block per with)
             with T.sblock("decode"):
@@ -220,7 +220,6 @@ def decode_kernel(n: int, nnz: int, mask_len: int):
                         count[0] = count[0] + 1
                     else:
                         out[i] = T.float32(0)
-                flag[0] = 1
 
     return decode
 
@@ -233,8 +232,11 @@ def _sparse_decode(node, importer):
     if nnz == 0:  # all zeros: nothing to store or decode
         return relax.const(np.zeros(shape, np.float32))
     prim = bb.add_func(decode_kernel(n, nnz, mask_len), "sparse_decode")
-    # the key is reproducible (weights digest + node), the flag this layer's own
-    func = _decode_once_func(prim, cache_key(importer, node.name), n, mask_len, nnz)
+    params = [relax.Var("mask", relax.TensorType((mask_len,), "uint8")),
+              relax.Var("values", relax.TensorType((nnz,), "float32"))]
+    # the key is reproducible: weights digest + node
+    func = decode_func(prim, cache_key(importer, node.name), params,
+                       relax.TensorType((n,), "float32"))
     gv = bb.add_func(func, f"sparse_decode_once_{node.name}")
-    flat = bb.emit(relax.Call(gv, [flag_constant(importer), mask, values]))
+    flat = bb.emit(relax.Call(gv, [mask, values]))
     return bb.emit(op.reshape(flat, shape))

@@ -4,7 +4,8 @@
     optimize   Relax: decompose for inference, legalize to TIR, fold, fuse     dump "relax-opt"
     schedule   tuned schedules from the MetaSchedule database (tuning.py), then
                the default rule table, one rule per op class (schedules/)    dump "tir"
-    build      Relax VM lowering (main compiled to TIR, not bytecode), TIR -> LLVM codegen
+    build      Relax VM lowering (main compiled to TIR, not bytecode; the load-time init
+               function of decode_once.py to bytecode), TIR -> LLVM codegen
 
 Each phase is a list of passes (like TVM's relax/backend/*/pipeline.py), so a later target or
 a tuned schedule replaces one list, not the driver. PHASES names, per TVM target kind, the
@@ -27,7 +28,7 @@ from graphc.compiled import CompiledModel
 from graphc.errors import BackendError, GraphcError
 from graphc.spec import TensorSpec
 
-from . import cross
+from . import cross, decode_once
 from .decode_chain import cache_decoded_chains, mark_decoded_layout_free
 from .legalize import LEGALIZATIONS
 from .lower import import_program
@@ -83,8 +84,9 @@ def schedule_passes(target: tvm.target.Target, tuning: TuningOptions | None = No
         dlight.ApplyDefaultSchedule(*default_rules(target)),
         *layout.after_schedule(),
         # decoded weights (codebook, sparse) are not constants: their relayout moves into
-        # the decode-once functions instead of running per call
+        # the decode functions instead of running per call
         cache_decoded_chains,
+        decode_once.decode_at_load,  # decoded by the init function; main reads the cache
         relax.transform.DeadCodeElimination(),
     ]
 
@@ -135,9 +137,8 @@ def build(ep: torch.export.ExportedProgram, *, input_specs: list[TensorSpec],
             mod = tvm.transform.Sequential(phases.schedule_passes(tgt, tuning, tuned))(mod)
         _dump(dump, "tir", lambda: _tir_script(mod))
         with _phase("build", seconds, tgt):
-            executable = relax.build(mod, tgt, exec_mode=phases.EXEC_MODE,
-                                     relax_pipeline=tvm.transform.Sequential(
-                                         phases.build_passes(tgt)))
+            executable = decode_once.build(mod, tgt, phases.EXEC_MODE,
+                                           tvm.transform.Sequential(phases.build_passes(tgt)))
     info = {"target": target_config(tgt), "preset": resolved.preset,
             "host_cpu": tvm.target.codegen.llvm_get_system_cpu(), "options": resolved.options}
     meta = {"tvm": {"version": tvm.__version__, "phase_seconds": seconds, **info,

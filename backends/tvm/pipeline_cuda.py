@@ -17,6 +17,8 @@ from tvm.s_tir import dlight
 
 from graphc.errors import BackendError
 
+from .decode_once import decode_at_load
+
 # The CPU build compiles main to one TIR function; that mode has not been tried on a GPU
 # here (no GPU in CI), so CUDA keeps the VM's bytecode, as TVM's own CUDA pipeline does.
 EXEC_MODE = "bytecode"
@@ -65,7 +67,9 @@ def schedule_passes(target: tvm.target.Target, tuning=None, report=None) -> list
     without thread binding would run on the host CPU, on GPU pointers). Lowering rules leave
     their kernels unscheduled for non-CPU targets (im2col.py), so this list sees them all.
     tuning / report: pipeline.py's signature; the CUDA search is refused before this."""
-    return [dlight.ApplyDefaultSchedule(*(r() for r in GPU_RULES))]
+    # decoded weights (codebook, sparse): decoded by the init function when the model loads
+    return [dlight.ApplyDefaultSchedule(*(r() for r in GPU_RULES)), decode_at_load,
+            relax.transform.DeadCodeElimination()]
 
 
 def build_passes(target: tvm.target.Target) -> list:

@@ -22,6 +22,7 @@ from tvm import rpc
 from graphc.errors import BackendError
 
 from . import cross
+from .decode_once import INIT
 
 TIMEOUT_S = 60  # a session waiting longer for its device than this is likely misconfigured
 
@@ -108,6 +109,9 @@ def _time(session, module, info: dict, inputs: list, repeat: int, warmup: int,
     kind = info["target"].get("kind", "llvm")
     device = session.cpu() if kind == "llvm" else session.device(kind)
     vm = relax.VirtualMachine(module, device)
+    if vm.module.implements_function(INIT):  # decode shared / sparse weights, as at load
+        vm.set_input(INIT)
+        vm.invoke_stateful(INIT)
     vm.set_input("main", *[_tensor(x, device) for x in inputs])
     # invoke_stateful: main's tuple result stays on the device (returning it over RPC fails)
     if warmup > 0:

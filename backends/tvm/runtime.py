@@ -31,7 +31,7 @@ from tvm.target import codegen
 from graphc.compiled import ArtifactError
 from graphc.errors import BackendError, GraphcError
 
-from . import cross, gpu, strip
+from . import cross, decode_once, gpu, strip
 
 LIB_FILE = "lib.so"
 INFO_FILE = "runner.json"
@@ -93,6 +93,7 @@ class TVMRunner(_Built):
         super().__init__(export, info, code)
         self.device = _device(info)
         self.vm = relax.VirtualMachine(module, self.device)
+        decode_once.run_init(self.vm)  # shared / sparse weights: decoded once, here
         self.main = self.vm["main"]  # looked up once: the lookup shows in small benchmarks
         self._threads: int | None = None
 

@@ -1,8 +1,12 @@
 """TVM lowerings of the codebook ops: decode once (dense weight never in lib.so) and gather."""
 
 import os
+import subprocess
+import sys
 import tempfile
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -43,6 +47,14 @@ def _size(cm) -> int:
         return os.path.getsize(f"{d}/m.graphc")
 
 
+def _lib_bytes(cm) -> int:
+    """lib.so's size before the zip compresses it."""
+    with tempfile.TemporaryDirectory() as d:
+        cm.save(f"{d}/m.graphc")
+        with zipfile.ZipFile(f"{d}/m.graphc") as zf:
+            return zf.getinfo("runner/lib.so").file_size
+
+
 @pytest.mark.parametrize("bits, groups", [(3, 0), (4, 0), (3, 5)])
 def test_tvm_matches_pytorch_before_and_after_the_first_call_and_after_load(bits, groups):
     m = Codebooked(bits, groups).eval()
@@ -62,16 +74,17 @@ def test_tvm_matches_pytorch_before_and_after_the_first_call_and_after_load(bits
 
 
 def test_lib_holds_packed_indices_not_the_dense_weight():
-    """Constant folding must not decode the weight at compile time: the artifact of a
-    512x512 4-bit weight is smaller than its fp32 one by about the 7/8 the packing saves."""
+    """Constant folding must not decode the weight at compile time: lib.so of a 512x512
+    4-bit weight is smaller than its fp32 one by about the 7/8 the packing saves (before
+    the zip's compression, which also shrinks the fp32 weights a little)."""
     k = 512
     x = torch.randn(2, k)
     dense = nn.Linear(k, k).eval()
     shared = share_weights(graphc.trace(dense, (x,)), bits=4, lowering="decode")
     assert shared.op_histogram()["graphc.codebook_decode"] == 1
-    fp32, packed = _size(graphc.compile(dense, (x,))), _size(graphc.compile(shared))
+    fp32, packed = _lib_bytes(graphc.compile(dense, (x,))), _lib_bytes(graphc.compile(shared))
     saved = k * k * 4 - k * k // 2
-    print(f"512x512 linear: artifact {fp32} -> {packed} bytes (packing saves {saved})")
+    print(f"512x512 linear: lib.so {fp32} -> {packed} bytes (packing saves {saved})")
     assert fp32 - packed >= 0.9 * saved
 
 
@@ -112,8 +125,11 @@ class DecodedConvLinear(nn.Module):
 
 
 def _kernel_calls(cm, *inputs) -> list[list[str]]:
-    """Kernels the VM runs in each of two calls (the VM instrument needs bytecode mode)."""
-    calls = []
+    """Kernels the VM runs in its init function (backends/tvm/decode_once.py, run again
+    here), then in each of two calls (the VM instrument needs bytecode mode)."""
+    from graphc.backends.tvm.decode_once import INIT
+
+    calls = [[]]
 
     def instrument(func, name, before, ret, *args):
         if before and not name.startswith("vm.builtin."):
@@ -121,16 +137,17 @@ def _kernel_calls(cm, *inputs) -> list[list[str]]:
         return 0
 
     cm.runner.vm.set_instrument(instrument)
+    cm.runner.vm[INIT]()
     for _ in range(2):
         calls.append([])
         cm(*inputs)
     return calls
 
 
-def test_decoded_weights_are_relaid_out_once_not_per_call(monkeypatch):
-    """backends/tvm/decode_chain.py: the relayout of a decoded weight (reshape, transpose,
-    the kernel's weight prepack) runs on the first call only: it moved into the cached
-    decode-once branch. Outputs unchanged."""
+def test_decoded_weights_are_decoded_and_relaid_out_at_load_not_per_call(monkeypatch):
+    """backends/tvm/decode_chain.py + decode_once.py: the decode of a weight and its
+    relayout (reshape, transpose, the kernel's weight prepack) run in the init function
+    the runner calls at load; the calls of main run neither. Outputs unchanged."""
     from graphc.backends.tvm import pipeline
 
     monkeypatch.setattr(pipeline, "EXEC_MODE", "bytecode")
@@ -139,17 +156,39 @@ def test_decoded_weights_are_relaid_out_once_not_per_call(monkeypatch):
     s = share_weights(graphc.trace(m, (x,)), bits=4, lowering="decode", min_size=0)
     assert s.op_histogram()["graphc.codebook_decode"] == 2
     cm = graphc.compile(s, target="cpu")
-    first, second = _kernel_calls(cm, x)
-    relayout = [k for k in first if "weight_prepack" in k or "transpose" in k]
-    print("first call:", first, "\nsecond call:", second)
-    assert relayout and not [k for k in second if k in relayout]
-    assert len([k for k in second if "decode" in k and "once" not in k]) == 0
+    init, first, second = _kernel_calls(cm, x)
+    print("init:", init, "\nfirst call:", first, "\nsecond call:", second)
+    relayout = [k for k in init if "weight_prepack" in k or "transpose" in k]
+    decode = [k for k in init if k.startswith("codebook_decode") and "once" not in k]
+    assert relayout and len(decode) == 2  # the kernels (the Relax functions show too)
+    for call in (first, second):
+        assert not [k for k in call if k in relayout or "decode" in k]
     # decode_chain.mark_decoded_layout_free: both kernels read their weight packed, as they
     # would a constant one
     layers = [k for k in second if "matmul" in k or "conv" in k]
+    assert first == second
     assert len(layers) == 2 and all(k.endswith("_prepacked") for k in layers)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), s(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_board_runner_decodes_at_load(tmp_path):
+    """The artifact's own __main__.py (tvm + numpy, no graphc) calls the init function too:
+    without it, main would find no decoded weight in the tensor cache."""
+    m = Codebooked(3, 5).eval()
+    x, idx = torch.randn(3, 5, 75), torch.randint(0, 37, (4, 6))
+    graphc.compile(m, (x, idx), target="cpu").save(tmp_path / "m.graphc")
+    np.savez(tmp_path / "in.npz", x=x.numpy(), idx=idx.numpy())
+    proc = subprocess.run([sys.executable, str(tmp_path / "m.graphc"), "--inputs",
+                           str(tmp_path / "in.npz"), "--save-outputs", str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-800:]
+    out = np.load(tmp_path / "out.npz")
+    with torch.no_grad():
+        want = m(x, idx)
+    for name, w in zip(sorted(out.files), want):
+        np.testing.assert_allclose(out[name], w.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_two_layouts_of_one_shared_model_do_not_share_a_cache_entry():

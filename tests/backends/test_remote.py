@@ -67,6 +67,18 @@ def test_loaded_artifact_benchmarks_remotely(server, tmp_path):
     assert np.isfinite(stats["median"]) and stats["median"] > 0
 
 
+def test_shared_weights_are_decoded_on_the_remote(server):
+    """The remote VM runs the init function (backends/tvm/decode_once.py) before main:
+    without it main would find no decoded weight in the device's tensor cache."""
+    from graphc.passes.share_weights import share_weights
+
+    m, x = _mlp()
+    s = share_weights(graphc.trace(m, x), bits=4, lowering="decode")
+    assert s.op_histogram()["graphc.codebook_decode"] == 2
+    stats = graphc.compile(s, target="cpu").benchmark(repeat=3, warmup=1, remote=server)
+    assert np.isfinite(stats["median"]) and stats["median"] > 0
+
+
 @pytest.mark.skipif(cross.host_arch() != "x86_64", reason="needs an x86-64 remote")
 def test_arm_model_is_refused_by_an_x86_remote(server):
     m, x = _mlp()

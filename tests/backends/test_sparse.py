@@ -102,8 +102,9 @@ def _size(cm) -> int:
 
 
 def test_artifact_shrinks_with_storage_and_kernel_and_runs_after_load():
-    """An 80%-sparse 512x512 linear: the zip already deflates the zeros of the dense file
-    (~0.26x of the fp32 weight), the bitmask + values file must still be smaller."""
+    """An 80%-sparse 512x512 linear: the zip already compresses the zeros of the dense file
+    (LZMA, graphc/compiled.py: ~0.24x of the fp32 weight, close to the entropy of 80% zeros
+    and 20% floats), the bitmask + values file must still be smaller."""
     torch.manual_seed(0)
     lin = nn.Linear(512, 512).eval()
     lin.weight.data = _sparse_weight(512, 512, 0.8)
@@ -117,10 +118,11 @@ def test_artifact_shrinks_with_storage_and_kernel_and_runs_after_load():
         with tempfile.TemporaryDirectory() as d:
             cm.save(f"{d}/m.graphc")
             loaded = graphc.load(f"{d}/m.graphc")
-            for _ in range(2):  # the first call decodes, the second reads the cached weight
+            for _ in range(2):  # decoded at load: both calls read the cached weight
                 torch.testing.assert_close(loaded(x), lin(x), rtol=1e-5, atol=1e-5)
     print(f"512x512 linear, 80% zeros: artifact dense {dense}, storage {sizes['storage']}, "
           f"kernel {sizes['kernel']} bytes; fp32 weight {512 * 512 * 4}")
-    # storage: 0.2 * 4 + 1/8 bytes per weight, against ~0.26 * 4 for the deflated zeros
-    assert sizes["storage"] < 0.9 * dense
+    # storage: 0.2 * 4 + 1/8 bytes per weight raw; measured 0.92x of the dense file (0.85x
+    # when the zip only deflated: deflate codes the zeros less well than LZMA)
+    assert sizes["storage"] < 0.95 * dense
     assert sizes["kernel"] < dense  # CSR: 8 bytes per non-zero, deflates a little
