@@ -1,7 +1,7 @@
 """How each shared layer runs: decode the dense weight once, or gather inside the kernel.
 
     decode   graphc.codebook_decode feeds the layer's own op; the backend rebuilds the dense
-             weight at the first call and keeps it (a storage win: the file holds b-bit
+             weight when the model loads and keeps it (a storage win: the file holds b-bit
              indices; memory and speed at run time are the float model's).
     gather   graphc.codebook_linear / codebook_embedding: the kernel reads the codebook on
              every call, no dense weight exists (a memory-traffic win, if the decode costs

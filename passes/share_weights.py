@@ -16,8 +16,8 @@ fine-tuning is plain training: the op's gradient sums the members of each centro
 one index per element, packed at `bits` bits into a uint8 buffer (graphc/ops_codebook.py).
 The float weight is dropped. A weight read by several layers (tied) is clustered once.
 
-Lowering per layer (passes/share_lowering.py): `decode` rebuilds the dense weight once, on
-the first call; `gather` reads the codebook inside the layer's kernel on every call
+Lowering per layer (passes/share_lowering.py): `decode` rebuilds the dense weight once, when
+the model loads; `gather` reads the codebook inside the layer's kernel on every call
 (linears in nn.Linear's [out, in] layout and embeddings); `auto` times both on `target`.
 The choice and its reason are in graph.meta["share-weights"]["layers"].
 
@@ -68,7 +68,7 @@ def share_weights(graph: Graph, *, bits: int = 4, ops: tuple[str, ...] = OP_CLAS
     shared: one codebook for all selected weights of a bit width. rows_per_codebook: 0 (one
     codebook per weight) or r (one per r rows). assign: nearest centroid, or data-aware
     (output error on the calibration data; linears and convs). lowering: decode (dense
-    weight rebuilt once at the first call), gather (codebook read inside the kernel), or
+    weight rebuilt once at load), gather (codebook read inside the kernel), or
     auto (both timed on `target`, the faster kept). policy: a SharePolicy (Python only),
     replacing the selection options. calibration: input batches (Python API), else
     graph.meta["calibration"], else the example inputs.

@@ -3,7 +3,7 @@
     kernel    graphc.bsr_linear: the BSR kernel (backends/tvm/lower_sparse.py) multiplies
               only the stored blocks; wins when there are few enough of them
     storage   graphc.sparse_decode feeds the layer's own op: the file holds a bitmask and
-              the non-zero values, the dense weight is rebuilt once at the first call and
+              the non-zero values, the dense weight is rebuilt once at load and
               the tuned dense kernel runs ("smaller, not faster")
 
 `auto` compiles the layer alone both ways on the target, with its real weight (a sparse

@@ -61,8 +61,8 @@ def _uses(seq: relax.SeqExpr) -> dict:
 
 
 def _rewrite_block(block, once: dict, uses: dict, bb: relax.BlockBuilder) -> list:
-    """One binding block's bindings, each decode-once call merged with its relayout chain
-    (the extended decode-once functions are added to bb)."""
+    """One binding block's bindings, each decode call merged with its relayout chain
+    (the extended decode functions are added to bb)."""
     bindings = list(block.bindings)
     users = _users(bindings)
     drop, replace = set(), {}
@@ -165,7 +165,7 @@ def mark_decoded_layout_free(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
     Runs after AttachAttrLayoutFreeBuffers (which marks Relax constants). A schedule rule then
     packs a decoded weight as it packs a constant one (a `_weight_prepack` preproc), and
-    cache_decoded_chains moves that prepack into the decode-once function. A kernel called
+    cache_decoded_chains moves that prepack into the decode function. A kernel called
     from several places gets the mark only where every call passes a decoded value."""
     once = set(decode_funcs(mod))
     if not once or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
