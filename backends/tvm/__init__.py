@@ -7,7 +7,15 @@ import os
 # starts lazily, so setting it before the first kernel runs is enough.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-from . import lower_aten, lower_aten_index, lower_aten_math, lower_aten_resize, lower_codebook, lower_quant, lower_sparse  # noqa: F401  (register the graphc:: op lowerings)
+from . import (  # noqa: F401  (register the graphc:: op lowerings)
+    lower_aten,
+    lower_aten_index,
+    lower_aten_math,
+    lower_aten_resize,
+    lower_codebook,
+    lower_quant,
+    lower_sparse,
+)
 from .lower import LOWERINGS, register_lowering
 from .pipeline import build
 from .target import PRESETS, resolve_target
