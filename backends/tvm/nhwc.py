@@ -85,7 +85,7 @@ def _on_activation(call: relax.Call) -> bool:
 
 
 def _boundary(mod: tvm.IRModule) -> int:
-    """Transposes a converted main may need: one per 4-D input and per output."""
+    """Transposes a converted main may need: at most one per input and one per output."""
     main = mod["main"]
     ret = main.ret_ty
     outs = len(ret.fields) if isinstance(ret, relax.TupleType) else 1
