@@ -48,6 +48,10 @@ CASES = {
     "abs_sum_all_prime": (lambda s, x: x.abs().sum(), (), [(1, 17, 19)], "full_reduction"),
     "transpose": (lambda s, x: x.transpose(1, 2).contiguous() * 2.0, (), [(2, 17, 3, 33)],
                   "injective"),
+    "to_channels_last": (lambda s, x: x.permute(0, 2, 3, 1).contiguous(), (), [(2, 3, 5, 32)],
+                         "injective"),
+    "to_channels_last_odd_row": (lambda s, x: x.permute(0, 2, 3, 1).contiguous(), (),
+                                 [(1, 3, 4, 29)], "injective"),
     "pad_then_scale": (lambda s, x: F.pad(x, (0, 1, 2, 0)) * 1.5, (), [(1, 3, 9, 7)],
                        "injective"),
     "gelu": (lambda s, x: F.gelu(x), (), [(7, 129)], "injective"),
@@ -80,6 +84,17 @@ def test_rule(case, isa):
     got = cm(*xs)
     err = float((got - ref).abs().max())
     assert got.shape == ref.shape and err < 1e-4 * max(1.0, float(ref.abs().max())), err
+
+
+def test_narrow_transpose_loads_rows_not_gathers():
+    """NCHW -> NHWC of a 3-channel image: contiguous vector loads along each row (no
+    index divided by 3 per lane, which made every lane a gather)."""
+    x = torch.randn(1, 3, 6, 32)
+    cm, ref, funcs = compile_with_tir(Op(lambda s, x: x.permute(0, 2, 3, 1).contiguous()).eval(),
+                                      (x,), "cpu")
+    (tir,) = funcs.values()
+    assert "T.vectorized" in tir and "% T.int64(3)" not in tir and "// T.int64(3)" not in tir
+    assert torch.equal(cm(x), ref)
 
 
 @pytest.mark.parametrize("name", ["conv_bn_residual", "depthwise_separable", "encoder_block",

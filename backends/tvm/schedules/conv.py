@@ -32,7 +32,11 @@ from .layout import pack_input
 
 # Below this many flops a conv runs on one thread: waking the thread pool costs more than
 # it saves (zoo depthwise_separable, 12 channels 10x10: 0.022 ms serial, 0.041 ms parallel).
-MIN_PARALLEL_FLOPS = 1_000_000
+# Kept low: inside a model a serial kernel reads the half of its input that the previous
+# (parallel) kernel left in the other core's cache, which cost MobileNetV2's 0.5-0.8 MFLOP
+# depthwise convs 5x (960ch 7x7 NHWC: 22 us with one TVM thread, 113 us serial after
+# parallel kernels, 24 us parallel; whole model 5.22 -> 4.69 ms NCHW, 7.25 -> 4.20 NHWC).
+MIN_PARALLEL_FLOPS = 100_000
 
 Block = s_tir.schedule.SBlockRV
 

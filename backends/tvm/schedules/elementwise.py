@@ -4,7 +4,8 @@ stays a serial scalar loop nest.
 
 Every block but the outputs is inlined into its consumer; each remaining block runs as one
 parallel loop over its outer dimensions with the innermost ones split into vectors.
-Transposes keep their strided reads (LLVM gathers them); the stores are contiguous.
+Transposes keep their strided reads (LLVM gathers them); the stores are contiguous, except
+where the output's last axis is narrower than a vector (schedule_narrow_transpose).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Injective(dlight.ScheduleRule):
         lanes = isa_of(target).f32_lanes
         for b in root_blocks(sch):
             sch.annotate(b, RULE_MARK, "injective")
-            if not schedule_padding(sch, b, lanes):
+            if not (schedule_padding(sch, b, lanes) or schedule_narrow_transpose(sch, b, lanes)):
                 parallel_vectorize(sch, b, lanes)
         return sch
 
@@ -62,6 +63,34 @@ def schedule_padding(sch: s_tir.Schedule, block, lanes: int) -> bool:
             sch.vectorize(vec)
     if _product(extents) >= MIN_PARALLEL:
         sch.parallel(outer)
+    return True
+
+
+def schedule_narrow_transpose(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """A copy whose output's last axis is narrower than a vector and comes from the source's
+    contiguous axis one level up (NCHW -> NHWC of an RGB image: out[h, w, c] = x[c, h, w]):
+    parallel over the outer axes; per c (unrolled) a contiguous vector load along w and a
+    strided store. Fusing (w, c) into vectors instead made every lane a gather with a
+    division by 3 (MobileNetV2's 3x224x224 input: 0.12 -> 0.027 ms). A row that is not a
+    whole number of vectors keeps a plain w loop (LLVM vectorizes it: 0.038 ms). Returns
+    False when `block` is not such a copy."""
+    loops = sch.get_loops(block)
+    extents = [loop_extent(sch, lp) for lp in loops]
+    if len(loops) < 2 or None in extents or extents[-1] >= lanes or extents[-2] < lanes:
+        return False
+    stmt = sch.get(block)
+    load = stmt.body.value if isinstance(stmt.body, tvm.tirx.BufferStore) else None
+    if not isinstance(load, tvm.ir.expr.TensorLoad) or \
+            not load.indices[-1].same_as(stmt.iter_vars[-2].var):
+        return False
+    narrow = loops[-1]
+    if extents[-2] % lanes == 0:
+        w0, w1 = sch.split(loops[-2], [None, lanes])
+        sch.reorder(w0, narrow, w1)
+        sch.vectorize(w1)
+    sch.unroll(narrow)
+    if len(loops) > 2 and _product(extents) >= MIN_PARALLEL:
+        sch.parallel(sch.fuse(*loops[:-2]))
     return True
 
 
