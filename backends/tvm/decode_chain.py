@@ -16,6 +16,10 @@ inference. This pass moves such a chain into the decode function, so that what i
             y = call_tir(conv, (x, p))
     decode_once':  w = decode(...); r = reshape(w); p = prepack(r); return p
 
+When the chain only moves the elements of a codebook weight, decode_permute.py drops its
+kernels instead: the decode kernel writes the elements where the chain would put them
+(decode_once' = decode into p's layout, then a free reshape).
+
 A link joins the chain only if it is the previous value's single use and reads no other
 variable (constants are fine), so nothing that depends on the inputs is cached.
 
@@ -30,7 +34,8 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from .decode_once import DECODE_ONCE, decode_funcs
+from .decode_once import DECODE_ONCE, decode_funcs, substitute
+from .decode_permute import relaid_decode
 
 
 @tvm.transform.module_pass(opt_level=0, name="GraphcCacheDecodedChains")
@@ -74,10 +79,14 @@ def _rewrite_block(block, once: dict, uses: dict, bb: relax.BlockBuilder) -> lis
         chain = _chain(b.var, bindings, users, uses)
         if not chain:
             continue
-        last = bindings[chain[-1]]
-        func = _extend(once[call.op], [bindings[j] for j in chain], b.var, bb.get())
+        last, links = bindings[chain[-1]], [bindings[j] for j in chain]
+        key = f"{once[call.op].attrs[DECODE_ONCE]}/{_layout_hash(links, bb.get())}"
+        # no relayout kernels when the relayout only moves elements (decode_permute.py),
+        # else its kernels appended to the decode
+        func, args = relaid_decode(once[call.op], call, links, b.var, bb, key) or (
+            _extend(once[call.op], links, b.var, key), call.args)
         gv = bb.add_func(func, f"{call.op.name_hint}_{last.var.name}")
-        replace[i] = relax.VarBinding(last.var, relax.Call(gv, call.args))
+        replace[i] = relax.VarBinding(last.var, relax.Call(gv, args))
         drop.update(chain)
     # the cached call binds the chain's last var at the decode call's position: its args are
     # constants, and that position is before every link, so before every user of the result
@@ -116,19 +125,15 @@ def _pure_op(call: relax.Call) -> bool:
     return False
 
 
-def _extend(func: relax.Function, links, start: relax.Var, mod: tvm.IRModule
-            ) -> relax.Function:
+def _extend(func: relax.Function, links, start: relax.Var, key: str) -> relax.Function:
     """func with `links` (main's bindings, reading `start` first) appended, returning the
-    last link's value."""
-    # the cached tensor is now in the links' layout: its name says which (two compiles of
-    # one model, e.g. tuned and not, must not share a cache entry)
-    key = f"{func.attrs[DECODE_ONCE]}/{_layout_hash(links, mod)}"
+    last link's value, as the decoder of the cached weight `key`."""
     (block,) = func.body.blocks
     subst = {start: func.body.body}  # the decode's result (decode_once.decode_func)
     fresh = []
     for link in links:
         var = relax.Var(link.var.name, link.var.ty)
-        fresh.append(relax.VarBinding(var, _substitute(link.value, subst)))
+        fresh.append(relax.VarBinding(var, substitute(link.value, subst)))
         subst[link.var] = var
     last = fresh[-1].var
     body = relax.SeqExpr([relax.BindingBlock([*block.bindings, *fresh])], last)
@@ -137,7 +142,9 @@ def _extend(func: relax.Function, links, start: relax.Var, mod: tvm.IRModule
 
 
 def _layout_hash(links, mod: tvm.IRModule) -> str:
-    """Structural hash of the links: the kernels they call and how."""
+    """Structural hash of the links: the kernels they call and how. The cached tensor is in
+    the links' layout: its name says which (two compiles of one model, e.g. tuned and not,
+    must not share a cache entry)."""
     parts = []
     for link in links:
         call = link.value
@@ -145,18 +152,6 @@ def _layout_hash(links, mod: tvm.IRModule) -> str:
         parts.append(tvm_ffi.structural_hash(mod[kernel]) if kernel is not None else 0)
         parts.append(tvm_ffi.structural_hash(call.ty_args))
     return f"{abs(hash(tuple(parts))):x}"
-
-
-def _substitute(call: relax.Call, subst: dict) -> relax.Call:
-    """call with its variable arguments (also inside a call_tir's argument tuple) renamed."""
-    def arg(a):
-        if isinstance(a, relax.Var):
-            return subst.get(a, a)
-        if isinstance(a, relax.Tuple):
-            return relax.Tuple([arg(f) for f in a.fields])
-        return a
-
-    return relax.Call(call.op, [arg(a) for a in call.args], call.attrs, call.ty_args)
 
 
 @tvm.transform.module_pass(opt_level=0, name="GraphcMarkDecodedLayoutFree")

@@ -60,6 +60,45 @@ def _index(p, bits: int, pos):
 
 
 # ---- decode once ------------------------------------------------------------------------
+def _field(p, bits: int, vi):
+    """The bits-wide field of element vi (int64) in TIR: the 16-bit window read."""
+    start = vi * T.int64(bits)
+    lo = T.Cast("int32", p[T.shift_right(start, T.int64(3))])
+    hi = T.Cast("int32", p[T.shift_right(start, T.int64(3)) + T.int64(1)])
+    return T.bitwise_and(T.shift_right(T.bitwise_or(lo, T.shift_left(hi, 8)),
+                                       T.Cast("int32", start % T.int64(8))), (1 << bits) - 1)
+
+
+def decode_any_size(bits: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """decode(p u8[p_len], c[2^bits], out[nb, nc, nr]): the element of out at (b, k, r)
+    is c[field (b * nr + r) * nc + k]. That is, the [nb, nr, nc] weight (in the order its
+    indices are packed) with its last two axes swapped: a transpose (nb = 1) or the
+    blocked transposes of a kernel's weight prepack; out [n, 1, 1] is the weight as
+    packed. The sizes come from the tensors, so this one kernel serves every such decode
+    of a bit width and dtype (a kernel per size and layout is ~0.5-1.3 kB of machine code).
+    decode_permute.py swaps it in after the schedule phase: TVM 0.27's
+    AttachAttrLayoutFreeBuffers, which copies every kernel, gives the copy's shape
+    variables new names but not its body's."""
+    size = 1 << bits
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def decode(p_h: T.handle, c: T.Buffer((size,), dtype), out_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        nb, nc, nr, p_len = T.int64(), T.int64(), T.int64(), T.int64()
+        p = T.match_buffer(p_h, (p_len,), "uint8")
+        out = T.match_buffer(out_h, (nb, nc, nr), dtype)
+        with T.sblock("root"):
+            # one flat loop: LLVM unrolls a serial inner loop over nr 8 times (+0.8 kB)
+            for j in T.parallel(nb * nc * nr):
+                with T.sblock("decode"):
+                    vb = T.axis.spatial(nb, j // (nc * nr))
+                    vk = T.axis.spatial(nc, j // nr % nc)
+                    vr = T.axis.spatial(nr, j % nr)
+                    out[vb, vk, vr] = c[_field(p, bits, (vb * nr + vr) * nc + vk)]
+
+    return decode
+
+
 def _decode_prim(bits: int, n: int, p_len: int, groups: int, span: int,
                  dtype: str = "float32") -> tirx.PrimFunc:
     """decode(p u8[p_len], c[groups * 2^bits], out[n]): out = c[fields] (element i reads
@@ -76,12 +115,7 @@ def _decode_prim(bits: int, n: int, p_len: int, groups: int, span: int,
             for i in T.parallel(n):
                 with T.sblock("decode"):
                     vi = T.axis.spatial(n, i)
-                    start = T.Cast("int64", vi) * T.int64(bits)
-                    lo = T.Cast("int32", p[T.shift_right(start, T.int64(3))])
-                    hi = T.Cast("int32", p[T.shift_right(start, T.int64(3)) + T.int64(1)])
-                    field = T.shift_right(T.bitwise_or(lo, T.shift_left(hi, 8)),
-                                          T.Cast("int32", start % T.int64(8)))
-                    out[vi] = c[vi // span * size + T.bitwise_and(field, size - 1)]
+                    out[vi] = c[vi // span * size + _field(p, bits, T.Cast("int64", vi))]
 
     return decode
 
@@ -133,7 +167,8 @@ def _codebook_decode(node, importer):
     prim = _decode_gv(importer, bits, shape, p_len, groups, dtype)
     params = [relax.Var("packed", relax.TensorType((p_len,), "uint8")),
               relax.Var("codebook", relax.TensorType((groups * size,), dtype))]
-    func = decode_func(prim, key, params, relax.TensorType((n,), dtype))
+    func = decode_func(prim, key, params, relax.TensorType((n,), dtype),
+                       bits=bits if groups == 1 else None)
     gv = bb.add_func(func, f"codebook_decode_once_{node.name}")
     flat = bb.emit(relax.Call(gv, [packed, codebook]))
     return bb.emit(op.reshape(flat, shape))
