@@ -31,7 +31,7 @@ from tvm.target import codegen
 from graphc.compiled import ArtifactError
 from graphc.errors import BackendError, GraphcError
 
-from . import cross, decode_once, gpu, strip
+from . import cross, decode_once, gpu, runner_source, strip
 
 LIB_FILE = "lib.so"
 INFO_FILE = "runner.json"
@@ -62,8 +62,9 @@ class _Built:
         return benchmark(self, inputs, remote, **timing)
 
     def main_script(self) -> str:
-        """The artifact's __main__.py: runs it without graphc or torch (board_runner.py)."""
-        return MAIN_FILE.read_text()
+        """The artifact's __main__.py: runs it without graphc or torch (board_runner.py,
+        shipped without its docstrings and comments: runner_source.py)."""
+        return runner_source.shipped(MAIN_FILE.read_text())
 
     def source(self, fmt: str = "asm") -> str:
         """The kernels' generated code ("asm" or "ll" for CPU kernels, "cuda" for the GPU
