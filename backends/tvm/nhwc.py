@@ -1,4 +1,5 @@
-"""convert-nhwc: a Relax pass that runs a CNN's float convolutions in NHWC (target "cpu+nhwc").
+"""convert-nhwc: a Relax pass that runs a CNN's float convolutions in NHWC (target "cpu+nhwc",
+and "cpu" for models with depthwise convs).
 
 PyTorch hands graphc NCHW. For depthwise convs NCHW is the wrong layout on a CPU: a channel's
 plane is only HxW, so at MobileNetV2's 14x14 and 7x7 layers vectors along a row are short
@@ -10,12 +11,12 @@ between convs, so the transposes are left at the model's input and output only.
     before  conv2d(x: NCHW, w: OIHW) -> clip -> conv2d ...
     after   permute_dims(x) -> conv2d(NHWC, OHWI) -> maximum/minimum -> conv2d ... -> permute_dims
 
-Opt-in, not the default: measured on MobileNetV2 (2-core Zen 4, per kernel, us) NHWC wins
-on depthwise convs (960ch 7x7: 62 -> 18; 96ch 112x112 stride 2: 281 -> 106; 144ch 56x56:
-107 -> 80) but loses on 1x1 convs with few input channels (24 -> 144 at 56x56: 120 -> 245,
-where NCHW has its pointwise schedule) and on depthwise at 14x14 (68 -> 85, the per-tile
-padding), and the model's input transpose costs 0.12 ms: 7.34 ms for the whole model against
-4.98 in NCHW.
+The default on the CPU presets for models with depthwise convs ("auto"): MobileNetV2 runs in
+4.20 ms in NHWC against 4.69 in NCHW (2-core Zen 4, after convs from 0.1 MFLOP run parallel;
+per kernel, us: depthwise 960ch 7x7 24 vs 55, 96ch 112x112 stride 2 174 vs 275; 1x1 convs
+within 10% either way; the input transpose 0.027 ms). Models without depthwise convs stay
+NCHW (ResNet-18: no measured difference). "+nhwc" and "+nchw" force either layout; a target
+given in full (a dict) compiles in the layout the model has.
 
 When the conversion would leave more than the boundary transposes (an op ConvertLayout
 cannot carry puts a transpose pair around each use), the module stays NCHW, with a warning.
@@ -92,8 +93,13 @@ def _boundary(mod: tvm.IRModule) -> int:
     return len(main.params) + outs
 
 
-@tvm.transform.module_pass(opt_level=0, name="graphc.ConvertNHWC")
-def convert_nhwc(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+def _is_depthwise(call: relax.Call) -> bool:
+    channels = call.args[0].ty.shape[1]
+    return int(call.attrs.groups) > 1 and isinstance(channels, tvm.tirx.IntImm) and \
+        int(channels) == int(call.attrs.groups)
+
+
+def convert(mod: tvm.IRModule, forced: bool) -> tvm.IRModule:
     """float conv2d NCHW -> conv2d NHWC, transposes at the model's edges."""
     if not _calls(mod, "relax.nn.conv2d", _is_float_nchw):
         return mod
@@ -108,13 +114,34 @@ def convert_nhwc(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     ])(converted)
     added = len(_calls(converted, "relax.permute_dims", _on_activation)) - before
     if added > _boundary(mod):
-        log.warning("cpu+nhwc: converting to NHWC would add %d transposes (an op TVM's "
-                    "ConvertLayout cannot carry sits between convs); the model stays NCHW",
-                    added)
+        # asked for ("+nhwc"): a warning; chosen by the default policy: the user asked nothing
+        log.log(logging.WARNING if forced else logging.INFO,
+                "%s: converting to NHWC would add %d transposes (an op TVM's ConvertLayout "
+                "cannot carry sits between convs); the model stays NCHW",
+                "cpu+nhwc" if forced else "NHWC for depthwise convs", added)
         return mod
     return converted
 
 
+@tvm.transform.module_pass(opt_level=0, name="graphc.ConvertNHWC")
+def convert_nhwc(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """float conv2d NCHW -> conv2d NHWC, transposes at the model's edges."""
+    return convert(mod, forced=True)
+
+
+@tvm.transform.module_pass(opt_level=0, name="graphc.ConvertNHWCIfDepthwise")
+def convert_nhwc_if_depthwise(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """float conv2d NCHW -> conv2d NHWC when a float conv is depthwise; else unchanged."""
+    if not _calls(mod, "relax.nn.conv2d", lambda c: _is_float_nchw(c) and _is_depthwise(c)):
+        return mod
+    return convert(mod, forced=False)
+
+
+# the target's "layout" option -> the layout phase of optimize_passes
+LAYOUT_PASSES = {"NHWC": [convert_nhwc], "auto": [convert_nhwc_if_depthwise], "NCHW": []}
+
+
 def layout_passes(options: dict) -> list:
-    """The layout phase of optimize_passes for a target's options ("cpu+nhwc": NHWC)."""
-    return [convert_nhwc] if options.get("layout") == "NHWC" else []
+    """The layout phase for a target's options: "+nhwc" NHWC, "+nchw" NCHW, the CPU presets'
+    default "auto" NHWC for models with depthwise convs; a target dict keeps the model's."""
+    return LAYOUT_PASSES[options.get("layout", "NCHW")]

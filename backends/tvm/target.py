@@ -61,6 +61,7 @@ class Preset:
     features: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # "+name" suffixes that change how graphc compiles, not the TVM target -> options
     options: dict[str, dict] = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)  # options before any suffix
 
 
 def _cuda() -> dict:
@@ -69,17 +70,20 @@ def _cuda() -> dict:
     return cuda_target()
 
 
-# float convs in NHWC, channels innermost (nhwc.py; opt-in: see its measurements)
-CPU_OPTIONS = {"nhwc": {"layout": "NHWC"}}
+# conv layout (nhwc.py): by default NHWC for models with depthwise convs, where it measured
+# faster; "+nhwc" / "+nchw" force one
+CPU_OPTIONS = {"nhwc": {"layout": "NHWC"}, "nchw": {"layout": "NCHW"}}
+CPU_DEFAULTS = {"layout": "auto"}
 
 PRESETS: dict[str, Preset] = {
-    "cpu": Preset("this host's CPU", _host_cpu, options=CPU_OPTIONS),
-    "x86": Preset("generic x86-64 (x86-64-v2)", _generic_x86, options=CPU_OPTIONS),
+    "cpu": Preset("this host's CPU", _host_cpu, options=CPU_OPTIONS, defaults=CPU_DEFAULTS),
+    "x86": Preset("generic x86-64 (x86-64-v2)", _generic_x86, options=CPU_OPTIONS,
+                  defaults=CPU_DEFAULTS),
     "arm": Preset("64-bit ARM (aarch64, armv8-a + NEON), cross-compiled", _generic_arm, {
         "dotprod": ("+dotprod",),  # sdot/udot: int8 dot products, 4 per int32 lane
         # usdot (u8 x s8) and the smmla family; every i8mm core (armv8.6-a) has dotprod too
         "i8mm": ("+dotprod", "+i8mm"),
-    }, options=CPU_OPTIONS),
+    }, options=CPU_OPTIONS, defaults=CPU_DEFAULTS),
     "cuda": Preset("NVIDIA GPU (CUDA)", _cuda, options={
         # ToMixedPrecision: matmul/conv inputs in float16, their accumulators in float32
         "fp16": {"precision": "float16"},
@@ -127,7 +131,7 @@ def _preset_config(spec: str) -> tuple[dict, dict]:
     compile options); "cuda+fp16" -> (the cuda dict, {"precision": "float16"})."""
     name, *suffixes = spec.split("+")
     preset = PRESETS[name]
-    config, options = preset.make(), {}
+    config, options = preset.make(), dict(preset.defaults)
     for suffix in suffixes:
         if suffix in preset.options:
             options.update(preset.options[suffix])

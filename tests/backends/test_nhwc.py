@@ -1,5 +1,6 @@
 """target "cpu+nhwc" (backends/tvm/nhwc.py): float convs run in NHWC with transposes only at
-the model's edges; the outputs match PyTorch; a graph ConvertLayout cannot carry stays NCHW."""
+the model's edges; the outputs match PyTorch; a graph ConvertLayout cannot carry stays NCHW.
+Plain "cpu" does so for models with depthwise convs only; "cpu+nchw" and target dicts never."""
 
 from __future__ import annotations
 
@@ -48,13 +49,37 @@ def test_block_runs_nhwc_with_edge_transposes_only(stride):
     assert float((got - ref).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
-def test_default_cpu_target_stays_nchw():
+def test_default_cpu_target_runs_depthwise_models_in_nhwc():
     torch.manual_seed(0)
     model = InvertedResidual().eval()
     x = torch.randn(1, 13, 11, 11)
-    _, _, funcs = compile_with_tir(model, (x,), "cpu")
+    cm, ref, funcs = compile_with_tir(model, (x,), "cpu")
+    assert all("conv2d_nhwc" in t for t in conv_kernels(funcs).values())
+    assert len(_transposes(funcs)) == 2, _transposes(funcs)
+    assert float((cm(x) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+
+
+class Dense(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(5, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, groups=2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("model, target", [
+    (InvertedResidual, "cpu+nchw"),
+    (InvertedResidual, {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}),
+    (Dense, "cpu"),  # no depthwise conv: grouped (groups=2) is not depthwise
+])
+def test_nchw_kept(model, target):
+    torch.manual_seed(0)
+    x = torch.randn(1, 13 if model is InvertedResidual else 5, 11, 11)
+    cm, ref, funcs = compile_with_tir(model().eval(), (x,), target)
     assert all("conv2d_nchw" in t for t in conv_kernels(funcs).values())
     assert not _transposes(funcs)
+    assert float((cm(x) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
 class ChannelCumsum(nn.Module):
@@ -69,19 +94,21 @@ class ChannelCumsum(nn.Module):
         return self.b(torch.cumsum(self.a(x), dim=1))
 
 
-def test_graph_that_would_need_more_transposes_stays_nchw(caplog):
+@pytest.mark.parametrize("target, level", [("cpu+nhwc", logging.WARNING), ("cpu", logging.INFO)])
+def test_graph_that_would_need_more_transposes_stays_nchw(caplog, target, level):
+    """Asked for ("+nhwc"), the fallback warns; chosen by the default policy, it only logs."""
     torch.manual_seed(0)
     model = ChannelCumsum().eval()
     x = torch.randn(1, 4, 9, 9)
-    with caplog.at_level(logging.WARNING, logger="graphc.backends.tvm.nhwc"):
-        cm, ref, funcs = compile_with_tir(model, (x,), "cpu+nhwc")
+    with caplog.at_level(logging.INFO, logger="graphc.backends.tvm.nhwc"):
+        cm, ref, funcs = compile_with_tir(model, (x,), target)
     if all("conv2d_nhwc" in t for t in conv_kernels(funcs).values()):
         pytest.skip("this TVM's ConvertLayout carries cumsum: nothing to fall back from")
-    assert "the model stays NCHW" in caplog.text
+    assert [r.levelno for r in caplog.records if "the model stays NCHW" in r.message] == [level]
     assert all("conv2d_nchw" in t for t in conv_kernels(funcs).values())
     assert float((cm(x) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
 def test_unknown_option_is_refused():
     with pytest.raises(GraphcError, match=r"cpu\+nhwc"):
-        graphc.compile(InvertedResidual().eval(), (torch.randn(1, 13, 5, 5),), target="cpu+nchw")
+        graphc.compile(InvertedResidual().eval(), (torch.randn(1, 13, 5, 5),), target="cpu+nchw16c")
