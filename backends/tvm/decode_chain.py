@@ -35,7 +35,7 @@ import tvm_ffi
 from tvm import relax
 
 from .decode_once import DECODE_ONCE, decode_funcs, substitute
-from .decode_permute import relaid_decode
+from .decode_permute import relaid_decodes
 
 
 @tvm.transform.module_pass(opt_level=0, name="GraphcCacheDecodedChains")
@@ -70,21 +70,23 @@ def _rewrite_block(block, once: dict, uses: dict, bb: relax.BlockBuilder) -> lis
     (the extended decode functions are added to bb)."""
     bindings = list(block.bindings)
     users = _users(bindings)
-    drop, replace = set(), {}
+    drop, replace, found = set(), {}, []
     for i, b in enumerate(bindings):
         call = b.value
         if not (isinstance(call, relax.Call) and isinstance(call.op, relax.GlobalVar)
                 and call.op in once):
             continue
         chain = _chain(b.var, bindings, users, uses)
-        if not chain:
-            continue
-        last, links = bindings[chain[-1]], [bindings[j] for j in chain]
-        key = f"{once[call.op].attrs[DECODE_ONCE]}/{_layout_hash(links, bb.get())}"
-        # no relayout kernels when the relayout only moves elements (decode_permute.py),
-        # else its kernels appended to the decode
-        func, args = relaid_decode(once[call.op], call, links, b.var, bb, key) or (
-            _extend(once[call.op], links, b.var, key), call.args)
+        if chain:
+            links = [bindings[j] for j in chain]
+            key = f"{once[call.op].attrs[DECODE_ONCE]}/{_layout_hash(links, bb.get())}"
+            found.append((i, chain, (once[call.op], call, links, b.var, key)))
+    # no relayout kernels when a relayout only moves elements (decode_permute.py; one probe
+    # for all weights), else its kernels appended to the decode
+    relaid = relaid_decodes([case for _, _, case in found], bb)
+    for (i, chain, (func, call, links, start, key)), done in zip(found, relaid):
+        func, args = done or (_extend(func, links, start, key), call.args)
+        last = bindings[chain[-1]]
         gv = bb.add_func(func, f"{call.op.name_hint}_{last.var.name}")
         replace[i] = relax.VarBinding(last.var, relax.Call(gv, args))
         drop.update(chain)

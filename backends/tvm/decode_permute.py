@@ -16,11 +16,12 @@ repacked). Either way the decode function is one kernel, shared by all weights o
 width, and a reshape, which is free (a view). The indices keep their packed order when
 they can: it compresses better (digits fc1 transposed: +460 bytes of LZMA).
 
-Checked, not assumed. FoldConstant runs the chain at compile time on the decoded weight
-and on the element positions (two base-4096 digits + 1, exact in float32; a 0 marks
+Checked, not assumed. The chain's kernels run at compile time, on the host, on the decoded
+weight and on the element positions + 1 (exact in float32 below 2^24 elements; a 0 marks
 padding the relayout inserted). The result is used only if the positions give a gather
 `src` and codebook[idx[src]] equals the chain's result on the weight bit for bit: exactly
-the tensor the kernels would have cached. Otherwise the chain stays kernels. Only float32
+the tensor the kernels would have cached. Otherwise the chain stays kernels. (Each kernel
+is built once per compile here: FoldConstant rebuilt it per call, +4 s on ResNet-18.) Only float32
 weights with one codebook qualify (the decode function carries BITS); with one codebook
 per row, where an element lands decides which codebook it reads.
 """
@@ -34,46 +35,51 @@ from tvm import relax
 
 from graphc.ops_codebook import pack, unpack
 
-from .decode_once import BITS, DECODE_ONCE, substitute
+from .decode_once import BITS, DECODE_ONCE
 from .lower_codebook import decode_any_size
 
-DIGIT = 4096  # position probes: pos = (hi - 1) * DIGIT + lo - 1, each digit exact in float32
+EXACT = 1 << 24  # float32 holds every position + 1 below this exactly
 
 
-def relaid_decode(func: relax.Function, call: relax.Call, links, start: relax.Var,
-                  bb: relax.BlockBuilder, key: str) -> tuple[relax.Function, list] | None:
-    """(decode function, its arguments) giving the chain's result without its kernels, or
-    None when the chain is not a gather of this weight's elements. bb: the module being
-    rewritten (it gets the decode kernel)."""
+def relaid_decodes(cases: list, bb: relax.BlockBuilder) -> list:
+    """For each case (decode function, its call, the chain's links, the variable the chain
+    starts from, the cache key): (decode function, its arguments) giving the chain's
+    result without its kernels, or None when the chain is not a gather of this weight's
+    elements. bb: the module being rewritten (it gets the decode kernel)."""
+    built: dict = {}  # kernel GlobalVar -> host function (None: does not build here)
+    return [_relaid(case, bb, built) for case in cases]
+
+
+def _relaid(case, bb: relax.BlockBuilder, built: dict):
+    func, call, links, start, key = case
     bits = func.attrs.get(BITS) if func.attrs is not None else None
-    packed, codebook = call.args
     if bits is None or not all(isinstance(a, tvm.ir.expr.Constant) for a in call.args):
         return None
-    bits, cb = int(bits), codebook.value.numpy()
+    bits, packed, cb = int(bits), call.args[0], call.args[1].value.numpy()
     n = int(func.ret_ty.shape[0])
-    if cb.dtype != np.float32 or n >= DIGIT * DIGIT:
+    if cb.dtype != np.float32 or n >= EXACT:
         return None
     idx = unpack(torch.from_numpy(packed.value.numpy()), bits, torch.arange(n)).numpy()
-    pos = np.arange(n)
-    weight, hi, lo = _run(links, start, [cb[idx], pos // DIGIT + 1, pos % DIGIT + 1], bb.get())
-    src = _gather(hi, lo, n) if weight is not None else None
+    weight = _run(links, start, cb[idx], bb.get(), built)
+    moved = _run(links, start, np.arange(1, n + 1, dtype=np.float32), bb.get(), built)
+    src = _gather(moved, n) if weight is not None and moved is not None else None
     if src is None or not _same_bits(cb[idx[src]], weight.reshape(-1)):
         return None
     dims = _swapped_axes(src)
     if dims is None:  # another gather: done on the indices, decoded in order
-        packed, dims = relax.const(pack(torch.from_numpy(idx[src]), bits).numpy()), (
-            src.size, 1, 1)
+        packed = relax.const(pack(torch.from_numpy(idx[src]), bits).numpy())
+        dims = (src.size, 1, 1)
     kernel = bb.add_func(decode_any_size(bits, "float32"), f"codebook_decode{bits}")
-    return _decode_to(func, kernel, key, dims, weight.shape, packed), [packed, codebook]
+    return _decode_to(func, kernel, key, dims, weight.shape, packed), [packed, call.args[1]]
 
 
-def _gather(hi, lo, n: int) -> np.ndarray | None:
+def _gather(moved: np.ndarray, n: int) -> np.ndarray | None:
     """The source position of each element of the chain's result, or None when some
     element is not one of the weight's (padding, arithmetic)."""
-    src = (hi.astype(np.int64) - 1) * DIGIT + lo.astype(np.int64) - 1
-    exact = np.array_equal(src, (hi.astype(np.float64) - 1) * DIGIT + lo - 1)
-    ok = exact and hi.size and src.min() >= 0 and src.max() < n and lo.min() >= 1
-    return src.reshape(-1) if ok else None
+    src = moved.astype(np.int64).reshape(-1) - 1
+    ok = moved.size and np.array_equal(src + 1, moved.reshape(-1)) and src.min() >= 0 \
+        and src.max() < n
+    return src if ok else None
 
 
 def _swapped_axes(src: np.ndarray) -> tuple[int, int, int] | None:
@@ -95,30 +101,37 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.tobytes() == b.tobytes()  # -0.0 and NaNs included
 
 
-def _run(links, start: relax.Var, inputs: list[np.ndarray], mod: tvm.IRModule) -> list:
-    """The chain's result on each input (as float32; FoldConstant builds and runs its
-    kernels on the host), or Nones when it does not fold to constants."""
-    kernels, bindings, outs = {}, [], []
-    for x in inputs:
-        subst = {start: relax.const(x.astype(np.float32))}
-        for link in links:
-            var = relax.Var(link.var.name, link.var.ty)
-            bindings.append(relax.VarBinding(var, substitute(link.value, subst)))
-            subst[link.var] = var
-            if link.value.op.name == "relax.call_tir":
-                kernels[link.value.args[0]] = mod[link.value.args[0]]
-        outs.append(subst[links[-1].var])
-    body = relax.SeqExpr([relax.BindingBlock(bindings)], relax.Tuple(outs))
-    probe = relax.Function([], body, relax.TupleType([v.ty for v in outs]), is_pure=True)
-    folded = relax.transform.FoldConstant()(tvm.IRModule({**kernels, "probe": probe}))
-    body = folded["probe"].body  # folded bindings may be gone, their constants inlined
-    values = {b.var: b.value for block in body.blocks for b in block.bindings}
-    result = values.get(body.body, body.body)
-    fields = [values.get(f, f) for f in getattr(result, "fields", [])]
-    if len(fields) != len(inputs) or not all(isinstance(f, tvm.ir.expr.Constant)
-                                              for f in fields):
-        return [None] * len(inputs)
-    return [f.value.numpy() for f in fields]
+def _run(links, start: relax.Var, x: np.ndarray, mod: tvm.IRModule, built: dict):
+    """The chain's result on x (float32, the flat weight), its kernels built for and run
+    on the host, or None when a link is not a plain kernel call or does not build."""
+    env = {start: tvm.runtime.tensor(x)}
+    for link in links:
+        call = link.value
+        if call.op.name != "relax.call_tir" or len(call.args) != 2:
+            return None  # a Relax operator or symbolic arguments: left to the kernels
+        kernel = _host(call.args[0], mod, built)
+        args = [env.get(a) if isinstance(a, relax.Var) else
+                a.value if isinstance(a, tvm.ir.expr.Constant) else None
+                for a in call.args[1].fields]
+        out_ty = link.var.ty
+        if kernel is None or any(a is None for a in args) or not isinstance(
+                out_ty, relax.TensorType):
+            return None
+        out = tvm.runtime.empty([int(d) for d in out_ty.shape], out_ty.dtype)
+        kernel(*args, out)
+        env[link.var] = out
+    return env[links[-1].var].numpy()
+
+
+def _host(gv: relax.GlobalVar, mod: tvm.IRModule, built: dict):
+    """The kernel `gv` built for this host (once per compile), or None."""
+    if gv not in built:
+        try:
+            prim = mod[gv].with_attr("global_symbol", "main")
+            built[gv] = tvm.compile(tvm.IRModule({"main": prim}), target="llvm")["main"]
+        except Exception:  # noqa: BLE001  (a kernel only the target can build: keep it)
+            built[gv] = None
+    return built[gv]
 
 
 def _decode_to(func: relax.Function, kernel: relax.GlobalVar, key: str, dims, shape,

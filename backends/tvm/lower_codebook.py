@@ -25,6 +25,7 @@ so one kernel body serves both layouts (G = 1: the offset is 0).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import uuid
@@ -69,6 +70,7 @@ def _field(p, bits: int, vi):
                                        T.Cast("int32", start % T.int64(8))), (1 << bits) - 1)
 
 
+@functools.cache  # parsing TVMScript takes ~25 ms; a PrimFunc is immutable
 def decode_any_size(bits: int, dtype: str = "float32") -> tirx.PrimFunc:
     """decode(p u8[p_len], c[2^bits], out[nb, nc, nr]): the element of out at (b, k, r)
     is c[field (b * nr + r) * nc + k]. That is, the [nb, nr, nc] weight (in the order its

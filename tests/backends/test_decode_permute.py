@@ -81,9 +81,8 @@ def test_other_gathers_are_no_swapped_axes(shape, perm):
 
 
 def test_positions_with_padding_or_fractions_are_no_gather():
-    pos = np.arange(10)
-    hi, lo = (pos // 4096 + 1).astype(np.float32), (pos % 4096 + 1).astype(np.float32)
-    assert np.array_equal(_gather(hi, lo, 10), pos)
-    padded = np.concatenate([lo, [0, 0]]).astype(np.float32)
-    assert _gather(np.concatenate([hi, [0, 0]]).astype(np.float32), padded, 10) is None
-    assert _gather(hi, lo + 0.5, 10) is None
+    moved = np.arange(1, 11, dtype=np.float32)[::-1].copy()
+    assert np.array_equal(_gather(moved, 10), np.arange(10)[::-1])
+    assert _gather(np.concatenate([moved, [0, 0]]).astype(np.float32), 10) is None  # padding
+    assert _gather(moved + 0.5, 10) is None
+    assert _gather(moved * 2, 10) is None  # outside the weight
