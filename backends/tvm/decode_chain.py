@@ -81,8 +81,8 @@ def _rewrite_block(block, once: dict, uses: dict, bb: relax.BlockBuilder) -> lis
             links = [bindings[j] for j in chain]
             key = f"{once[call.op].attrs[DECODE_ONCE]}/{_layout_hash(links, bb.get())}"
             found.append((i, chain, (once[call.op], call, links, b.var, key)))
-    # no relayout kernels when a relayout only moves elements (decode_permute.py; one probe
-    # for all weights), else its kernels appended to the decode
+    # no relayout kernels when a relayout only moves elements (decode_permute.py), else its
+    # kernels appended to the decode
     relaid = relaid_decodes([case for _, _, case in found], bb)
     for (i, chain, (func, call, links, start, key)), done in zip(found, relaid):
         func, args = done or (_extend(func, links, start, key), call.args)
