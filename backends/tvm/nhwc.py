@@ -1,5 +1,5 @@
-"""convert-nhwc: a Relax pass that runs a CNN's float convolutions in NHWC (target "cpu+nhwc",
-and "cpu" for models with depthwise convs).
+"""convert-nhwc: a Relax pass that runs a CNN's float convolutions in NHWC (the CPU presets'
+default; "cpu+nchw" keeps NCHW).
 
 PyTorch hands graphc NCHW. For depthwise convs NCHW is the wrong layout on a CPU: a channel's
 plane is only HxW, so at MobileNetV2's 14x14 and 7x7 layers vectors along a row are short
@@ -11,12 +11,13 @@ between convs, so the transposes are left at the model's input and output only.
     before  conv2d(x: NCHW, w: OIHW) -> clip -> conv2d ...
     after   permute_dims(x) -> conv2d(NHWC, OHWI) -> maximum/minimum -> conv2d ... -> permute_dims
 
-The default on the CPU presets for models with depthwise convs ("auto"): MobileNetV2 runs in
-4.20 ms in NHWC against 4.69 in NCHW (2-core Zen 4, after convs from 0.1 MFLOP run parallel;
-per kernel, us: depthwise 960ch 7x7 24 vs 55, 96ch 112x112 stride 2 174 vs 275; 1x1 convs
-within 10% either way; the input transpose 0.027 ms). Models without depthwise convs stay
-NCHW (ResNet-18: no measured difference). "+nhwc" and "+nchw" force either layout; a target
-given in full (a dict) compiles in the layout the model has.
+The default on the CPU presets ("auto"), measured against NCHW on the 2-core Zen 4 (after
+convs from 0.1 MFLOP run parallel): MobileNetV2 4.20 vs 4.69 ms (per kernel, us: depthwise
+960ch 7x7 24 vs 55, 96ch 112x112 stride 2 174 vs 275; 1x1 convs within 10% either way; the
+input transpose 0.027 ms); ResNet-18 per layer against onnxruntime 0.85-1.04x in NHWC,
+0.90-1.61x in NCHW (the 56x56 3x3 convs 1.2-1.3x, the stride-2 max pool 536 vs 157 us).
+"+nhwc" and "+nchw" force either layout; a target given in full (a dict) compiles in the
+layout the model has.
 
 When the conversion would leave more than the boundary transposes (an op ConvertLayout
 cannot carry puts a transpose pair around each use), the module stays NCHW, with a warning.
@@ -93,12 +94,6 @@ def _boundary(mod: tvm.IRModule) -> int:
     return len(main.params) + outs
 
 
-def _is_depthwise(call: relax.Call) -> bool:
-    channels = call.args[0].ty.shape[1]
-    return int(call.attrs.groups) > 1 and isinstance(channels, tvm.tirx.IntImm) and \
-        int(channels) == int(call.attrs.groups)
-
-
 def convert(mod: tvm.IRModule, forced: bool) -> tvm.IRModule:
     """float conv2d NCHW -> conv2d NHWC, transposes at the model's edges."""
     if not _calls(mod, "relax.nn.conv2d", _is_float_nchw):
@@ -118,7 +113,7 @@ def convert(mod: tvm.IRModule, forced: bool) -> tvm.IRModule:
         log.log(logging.WARNING if forced else logging.INFO,
                 "%s: converting to NHWC would add %d transposes (an op TVM's ConvertLayout "
                 "cannot carry sits between convs); the model stays NCHW",
-                "cpu+nhwc" if forced else "NHWC for depthwise convs", added)
+                "cpu+nhwc" if forced else "NHWC", added)
         return mod
     return converted
 
@@ -129,19 +124,17 @@ def convert_nhwc(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return convert(mod, forced=True)
 
 
-@tvm.transform.module_pass(opt_level=0, name="graphc.ConvertNHWCIfDepthwise")
-def convert_nhwc_if_depthwise(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """float conv2d NCHW -> conv2d NHWC when a float conv is depthwise; else unchanged."""
-    if not _calls(mod, "relax.nn.conv2d", lambda c: _is_float_nchw(c) and _is_depthwise(c)):
-        return mod
+@tvm.transform.module_pass(opt_level=0, name="graphc.ConvertNHWCAuto")
+def convert_nhwc_auto(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """float conv2d NCHW -> conv2d NHWC, or unchanged (logged, no warning) where it cannot."""
     return convert(mod, forced=False)
 
 
 # the target's "layout" option -> the layout phase of optimize_passes
-LAYOUT_PASSES = {"NHWC": [convert_nhwc], "auto": [convert_nhwc_if_depthwise], "NCHW": []}
+LAYOUT_PASSES = {"NHWC": [convert_nhwc], "auto": [convert_nhwc_auto], "NCHW": []}
 
 
 def layout_passes(options: dict) -> list:
     """The layout phase for a target's options: "+nhwc" NHWC, "+nchw" NCHW, the CPU presets'
-    default "auto" NHWC for models with depthwise convs; a target dict keeps the model's."""
+    default "auto" NHWC where it carries through the graph; a target dict keeps the model's."""
     return LAYOUT_PASSES[options.get("layout", "NCHW")]

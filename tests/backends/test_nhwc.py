@@ -1,6 +1,6 @@
 """target "cpu+nhwc" (backends/tvm/nhwc.py): float convs run in NHWC with transposes only at
 the model's edges; the outputs match PyTorch; a graph ConvertLayout cannot carry stays NCHW.
-Plain "cpu" does so for models with depthwise convs only; "cpu+nchw" and target dicts never."""
+Plain "cpu" does so too ("auto"); "cpu+nchw" and target dicts never."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ class InvertedResidual(nn.Module):
         return y + x if self.stride == 1 else y
 
 
+class Dense(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(5, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, groups=2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
 def _transposes(funcs: dict[str, str]) -> list[str]:
     return [n for n in funcs if n.startswith("transpose") or "_transpose" in n]
 
@@ -49,29 +58,21 @@ def test_block_runs_nhwc_with_edge_transposes_only(stride):
     assert float((got - ref).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
-def test_default_cpu_target_runs_depthwise_models_in_nhwc():
+@pytest.mark.parametrize("model", ["InvertedResidual", "Dense"])
+def test_default_cpu_target_runs_convs_in_nhwc(model):
     torch.manual_seed(0)
-    model = InvertedResidual().eval()
-    x = torch.randn(1, 13, 11, 11)
+    model = {"InvertedResidual": InvertedResidual, "Dense": Dense}[model]().eval()
+    x = torch.randn(1, 13 if isinstance(model, InvertedResidual) else 5, 11, 11)
     cm, ref, funcs = compile_with_tir(model, (x,), "cpu")
     assert all("conv2d_nhwc" in t for t in conv_kernels(funcs).values())
     assert len(_transposes(funcs)) == 2, _transposes(funcs)
     assert float((cm(x) - ref).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
-class Dense(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(5, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, groups=2)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
 @pytest.mark.parametrize("model, target", [
     (InvertedResidual, "cpu+nchw"),
     (InvertedResidual, {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}),
-    (Dense, "cpu"),  # no depthwise conv: grouped (groups=2) is not depthwise
+    (Dense, "x86+nchw"),
 ])
 def test_nchw_kept(model, target):
     torch.manual_seed(0)
