@@ -203,3 +203,20 @@ def test_report_measures_the_deployed_artifacts_and_latency():
     assert t0 > 0 and t1 > 0
     text = format_quant_report(q.meta["quantize"], d)
     assert f"artifact {fp32:,} -> {int8:,} bytes" in text and "latency" in text
+
+
+def test_dilated_qconv2d_reference_runs_in_pytorch():
+    """PyTorch has no integer dilated conv on CPU: the reference computes the int8 sums in
+    float64 (exact) and matches an int64 computation done by hand."""
+    from graphc.ops_qint import qconv2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (1, 3, 9, 9), generator=g).to(torch.uint8)
+    w = torch.randint(-128, 128, (4, 3, 3, 3), generator=g).to(torch.int8)
+    one, zero = torch.tensor(1.0), torch.tensor(0)
+    got = qconv2d(x, one, zero, w, torch.ones(4), w.sum((1, 2, 3)).float(), None,
+                  [1, 1], [2, 2], 1)
+    cols = torch.stack([x[0, :, i:i + 5:2, j:j + 5:2].long()
+                        for i in range(5) for j in range(5)])  # [25, 3, 3, 3]
+    want = torch.einsum("pchw,ochw->op", cols, w.long()).reshape(1, 4, 5, 5)
+    assert torch.equal(got, want.float())
