@@ -108,10 +108,13 @@ def test_digits_cnn_keeps_accuracy_and_the_artifact_shrinks():
     # zip already squeezed ~5% out of the fp32 weights, and decoding adds ~0.8 kB of code.
     assert a - b >= 0.9 * (rep["weight_bytes_fp32"] - rep["weight_bytes_shared"])
     # Measured 0.234x (0.246x before the relayout kernels went and the runner lost its
-    # docstrings: 39,046 of 158,644 bytes). The 0.2x the issue asks for is out of reach on
-    # this model: the fp32 model's own code, runner and meta are 15.6 kB zipped, about its
-    # 4-bit indices (16.3 kB compressed, at their entropy) (docs/weight-sharing.md).
-    assert b <= 0.237 * a
+    # docstrings: 39,046 of 158,644 bytes), 0.237x since the fp32 model's convs run NHWC
+    # (51b8d6f; the shared one stays NCHW: nhwc.py counts its decoded weights' transposes).
+    # Either regression fails this: relayout kernels back 0.245x, docstrings back 0.241x.
+    # The 0.2x the issue asks for is out of reach on this model: the fp32 model's own code,
+    # runner and meta are 13.8-15.6 kB zipped, about its 4-bit indices (16.5 kB compressed,
+    # at their entropy) (docs/weight-sharing.md).
+    assert b <= 0.24 * a
 
 
 class DecodedConvLinear(nn.Module):
