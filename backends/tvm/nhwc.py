@@ -80,10 +80,24 @@ def _is_float_nchw(call: relax.Call) -> bool:
     return str(call.args[0].ty.dtype).startswith("float") and call.attrs.data_layout == "NCHW"
 
 
-def _on_activation(call: relax.Call) -> bool:
-    # a permute_dims of a constant (a weight) is folded at compile time; only those of
-    # activations run per call
-    return not isinstance(call.args[0], tvm.ir.expr.Constant)
+def _per_call_transposes(mod: tvm.IRModule) -> int:
+    """permute_dims whose input depends on a function's parameters: those run per call. One
+    of a constant is folded at compile time, and one of a decoded weight (share-weights,
+    sparsify) runs once, when the model loads (decode_once.py)."""
+    count = 0
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        runtime = set(func.params)
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if not any(v in runtime for v in relax.analysis.free_vars(b.value)):
+                    continue
+                runtime.add(b.var)
+                v = b.value
+                count += isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and \
+                    v.op.name == "relax.permute_dims"
+    return count
 
 
 def _boundary(mod: tvm.IRModule) -> int:
@@ -98,7 +112,7 @@ def convert(mod: tvm.IRModule, forced: bool) -> tvm.IRModule:
     """float conv2d NCHW -> conv2d NHWC, transposes at the model's edges."""
     if not _calls(mod, "relax.nn.conv2d", _is_float_nchw):
         return mod
-    before = len(_calls(mod, "relax.permute_dims", _on_activation))
+    before = _per_call_transposes(mod)
     converted = _map_functions(mod, _ClipToMinMax(mod).visit_expr)
     converted = tvm.transform.Sequential([
         relax.transform.ConvertLayout(DESIRED),
@@ -107,7 +121,7 @@ def convert(mod: tvm.IRModule, forced: bool) -> tvm.IRModule:
         # an input used by a conv and a residual add is transposed once, not once per use
         relax.transform.EliminateCommonSubexpr(),
     ])(converted)
-    added = len(_calls(converted, "relax.permute_dims", _on_activation)) - before
+    added = _per_call_transposes(converted) - before
     if added > _boundary(mod):
         # asked for ("+nhwc"): a warning; chosen by the default policy: the user asked nothing
         log.log(logging.WARNING if forced else logging.INFO,

@@ -108,13 +108,15 @@ def test_digits_cnn_keeps_accuracy_and_the_artifact_shrinks():
     # zip already squeezed ~5% out of the fp32 weights, and decoding adds ~0.8 kB of code.
     assert a - b >= 0.9 * (rep["weight_bytes_fp32"] - rep["weight_bytes_shared"])
     # Measured 0.234x (0.246x before the relayout kernels went and the runner lost its
-    # docstrings: 39,046 of 158,644 bytes), 0.237x since the fp32 model's convs run NHWC
-    # (51b8d6f; the shared one stays NCHW: nhwc.py counts its decoded weights' transposes).
-    # Either regression fails this: relayout kernels back 0.245x, docstrings back 0.241x.
+    # docstrings: 39,046 of 158,644 bytes), 0.237x when only the fp32 model's convs ran
+    # NHWC (51b8d6f), 0.226x since the shared one does too (nhwc.py counts per-call
+    # transposes only; its decoded weights' relayout runs at load). Both measured
+    # regressions (relayout kernels back: 0.245x, docstrings back: 0.241x, both in NCHW)
+    # cost more than this bound's 0.004x margin.
     # The 0.2x the issue asks for is out of reach on this model: the fp32 model's own code,
     # runner and meta are 13.8-15.6 kB zipped, about its 4-bit indices (16.5 kB compressed,
     # at their entropy) (docs/weight-sharing.md).
-    assert b <= 0.24 * a
+    assert b <= 0.23 * a
 
 
 class DecodedConvLinear(nn.Module):
