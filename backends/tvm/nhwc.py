@@ -20,7 +20,8 @@ input transpose 0.027 ms); ResNet-18 per layer against onnxruntime 0.85-1.04x in
 layout the model has.
 
 When the conversion would leave more than the boundary transposes (an op ConvertLayout
-cannot carry puts a transpose pair around each use), the module stays NCHW, with a warning.
+cannot carry puts a transpose pair around each use), the module stays NCHW: a warning when
+"+nhwc" asked for NHWC, an INFO log under the default.
 """
 
 from __future__ import annotations
