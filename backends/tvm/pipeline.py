@@ -58,7 +58,7 @@ def optimize_passes(target: tvm.target.Target, options: dict | None = None) -> l
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         pad_into_conv,  # before FuseOps would fuse each pad into its producer's kernel
-        *layout_passes(options or {}),  # conv layout: NHWC for depthwise models (nhwc.py)
+        *layout_passes(options or {}),  # conv layout: NHWC unless the target says NCHW (nhwc.py)
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(customize_legalize_map=LEGALIZATIONS),

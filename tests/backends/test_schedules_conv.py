@@ -18,7 +18,7 @@ from graphc.backends.tvm.target import resolve_target
 from graphc.spec import TensorSpec
 from tests.models.zoo import randomize_batchnorm
 
-# this host, convs kept NCHW (the preset's default would run depthwise models in NHWC); an
+# this host, convs kept NCHW (the preset's default runs them in NHWC); an
 # AVX-512 CPU (checked below), else the test says so
 AVX512 = "cpu+nchw"
 AVX2 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}

@@ -1,6 +1,6 @@
 """conv2d NHWC (dense, grouped, depthwise) with its fused epilogue: direct schedules, no search.
 
-The graph is NHWC when nhwc.py converted it (target "cpu+nhwc"). Channels are
+The graph is NHWC when nhwc.py converted it (the CPU presets' default). Channels are
 innermost in the input, the weight (after packing) and the output, so both schedules keep
 accumulators as vectors of channels:
 
