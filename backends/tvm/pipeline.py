@@ -38,6 +38,7 @@ from .runtime import runner_from_executable
 from .schedules import default_rules, layout
 from .target import resolve_target, target_config
 from .tuning import TuningOptions, TuningReport, tuned_schedules
+from .winograd import winograd_passes
 
 Dump = Callable[[str, str], None]
 
@@ -59,6 +60,7 @@ def optimize_passes(target: tvm.target.Target, options: dict | None = None) -> l
         relax.transform.CanonicalizeBindings(),
         pad_into_conv,  # before FuseOps would fuse each pad into its producer's kernel
         *layout_passes(options or {}),  # conv layout: NHWC unless the target says NCHW (nhwc.py)
+        *winograd_passes(options or {}),  # 3x3 stride-1 NHWC convs -> Winograd (winograd.py)
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(customize_legalize_map=LEGALIZATIONS),

@@ -72,8 +72,10 @@ def _cuda() -> dict:
 
 # conv layout (nhwc.py): NHWC by default ("auto": unless ConvertLayout would leave transposes
 # between convs), measured faster on MobileNetV2 and ResNet-18; "+nhwc" / "+nchw" force one
-CPU_OPTIONS = {"nhwc": {"layout": "NHWC"}, "nchw": {"layout": "NCHW"}}
-CPU_DEFAULTS = {"layout": "auto"}
+# 3x3 stride-1 convs in NHWC (winograd.py): Winograd by default, "+direct" keeps them direct
+CPU_OPTIONS = {"nhwc": {"layout": "NHWC"}, "nchw": {"layout": "NCHW"},
+               "winograd": {"winograd": True}, "direct": {"winograd": False}}
+CPU_DEFAULTS = {"layout": "auto", "winograd": True}
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset("this host's CPU", _host_cpu, options=CPU_OPTIONS, defaults=CPU_DEFAULTS),

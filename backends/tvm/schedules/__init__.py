@@ -21,6 +21,7 @@ from .int8 import Int8MatmulRule
 from .matmul import MatmulRule
 from .pool import Pool2D
 from .reduction import FullReduction, RowReduction
+from .winograd import WinogradOutput
 
 log = logging.getLogger("graphc")
 
@@ -57,6 +58,8 @@ RULES: list[tuple[str, Callable[[], dlight.ScheduleRule], dict[str, str]]] = [
     # NCHW conv2d + fused epilogue (conv.py): 3x3 64ch 56x56 ~1.1x onnxruntime's time,
     # ResNet-18 ~1.0x; replaces leaving convs unscheduled (dlight.reduction's skip below).
     ("conv2d", Conv2D, {}),
+    # the Winograd output transform + the conv's epilogue (winograd.py)
+    ("winograd", WinogradOutput, {}),
     ("matmul", MatmulRule, {}),
     ("matmul.int8", Int8MatmulRule, {}),
     # max/avg pool2d: window taps accumulate on vectors of output columns (pool.py); before
