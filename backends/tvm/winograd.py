@@ -30,9 +30,8 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .schedules.common import loop_extent
 from .schedules.isa import isa_of
-from .schedules.winograd import vector_width
+from .schedules.winograd import per_tile
 
 log = logging.getLogger("graphc")
 
@@ -167,15 +166,7 @@ def schedule_input(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     e, p, ch = sch.get_loops(v)
     xi, nu = sch.split(e, [a, a])
     b, ty, tx = sch.split(p, [n, th, tw])
-    c0, c1 = sch.split(ch, [None, vector_width(loop_extent(sch, ch), lanes)])
-    sch.reorder(b, ty, tx, c0, xi, nu, c1)
-    sch.parallel(sch.fuse(b, ty, tx))
-    sch.compute_at(rows, c0, preserve_unit_loops=True)
-    for block in (rows, v):
-        loops = sch.get_loops(block)
-        for lp in loops[2:-1]:
-            sch.unroll(lp)
-        sch.vectorize(loops[-1])
+    per_tile(sch, rows, v, (b, ty, tx), (xi, nu), ch, lanes)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 

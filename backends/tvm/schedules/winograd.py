@@ -53,12 +53,19 @@ def schedule_output(sch: s_tir.Schedule, out, lanes: int) -> None:
     b, y, x, ch = sch.get_loops(out)
     ty, i = sch.split(y, [None, m])
     tx, j = sch.split(x, [None, m])
+    per_tile(sch, rows, out, (b, ty, tx), (i, j), ch, lanes)
+
+
+def per_tile(sch: s_tir.Schedule, rows, block, tile, inner, ch, lanes: int) -> None:
+    """Both transforms' loop nest: the tile loops fused and parallel; per tile and channel
+    vector, `rows` (the first 1-D transform) computed for the tile, then `block` (the
+    second), every position loop unrolled, so each Select arm's condition is a constant."""
     c0, c1 = sch.split(ch, [None, vector_width(loop_extent(sch, ch), lanes)])
-    sch.reorder(b, ty, tx, c0, i, j, c1)
-    sch.parallel(sch.fuse(b, ty, tx))
+    sch.reorder(*tile, c0, *inner, c1)
+    sch.parallel(sch.fuse(*tile))
     sch.compute_at(rows, c0, preserve_unit_loops=True)
-    for block in (rows, out):
-        loops = sch.get_loops(block)
+    for blk in (rows, block):
+        loops = sch.get_loops(blk)
         for lp in loops[2:-1]:
             sch.unroll(lp)
         sch.vectorize(loops[-1])
