@@ -74,7 +74,7 @@ def _cuda() -> dict:
 # between convs), measured faster on MobileNetV2 and ResNet-18; "+nhwc" / "+nchw" force one
 # 3x3 stride-1 convs in NHWC (winograd.py): Winograd by default, "+direct" keeps them direct
 CPU_OPTIONS = {"nhwc": {"layout": "NHWC"}, "nchw": {"layout": "NCHW"},
-               "winograd": {"winograd": True}, "direct": {"winograd": False}}
+               "direct": {"winograd": False}}
 CPU_DEFAULTS = {"layout": "auto", "winograd": True}
 
 PRESETS: dict[str, Preset] = {

@@ -1,12 +1,12 @@
 """Relax: a stride-1 3x3 conv2d in NHWC with a constant weight -> Winograd F(m x m, 3 x 3).
 
-    y = conv2d(x, w)        ->   V = winograd_input(x)       [a, a, N, tH, tW, C]  opaque
-    (NHWC, OHWI, 3x3,            M = matmul(V', U)           [a*a, P, K]           U constant
-     stride 1, groups 1)         y = winograd_output(M')     [N, H, W, K]          epilogue fuses
+    y = conv2d(x, w)        ->   V = winograd_input(x)       [a*a, P, C]    opaque
+    (NHWC, OHWI, 3x3,            M = winograd_matmul(V, U)   [a*a, P, K]    U constant
+     stride 1, groups 1)         y = winograd_output(M)      [N, H, W, K]   epilogue fuses
 
-with a = m + 2 (the tile plus the kernel's halo), P = N*tH*tW output tiles of m x m pixels,
-V' and M' free reshapes of V and M. The a*a independent [P, C] x [C, K] products run through
-the matmul rule (schedules/matmul.py) with U = G w G^T packed at compile time.
+with a = m + 2 (the tile plus the kernel's halo) and P = N*tH*tW output tiles of m x m
+pixels. The a*a independent [P, C] x [C, K] products run through the matmul rule
+(schedules/matmul.py) with U = G w G^T packed at compile time.
 
 Why: ResNet's 3x3 convs run at ~93% of the FMA peak directly (schedules/conv_nhwc.py), so
 only fewer multiplies make them faster. Per output pixel and channel pair the direct conv
@@ -16,9 +16,10 @@ F(4x4)), so only layers whose tiles outnumber the weight's growth take it (choos
 the transforms' rounding: with F(4x4)'s +-5 and 1/24 coefficients a 3x3 conv's fp32 result
 is ~1e-6 relative off instead of ~1e-7 (tests/backends/test_winograd.py measures both).
 
-FuseOps fuses the conv's epilogue (bias, ReLU, residual add) into the output transform; the winograd rule (schedules/winograd.py) schedules that kernel, and
-the input transform is scheduled here, opaque, so no producer is inlined into it (each input
-pixel is read by up to four tiles).
+FuseOps fuses the conv's epilogue (bias, ReLU, residual add) into the output transform,
+which the winograd rule (schedules/winograd.py) schedules. The input transform is scheduled
+here and opaque, so no producer is inlined into it (each input pixel is read by up to four
+tiles).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def _plan(call: relax.Call, bindings: dict) -> tuple[int, np.ndarray] | None:
     layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout))
     if layouts != ("NHWC", "OHWI", "NHWC") or int(a.groups) != 1 or \
             any(int(s) != 1 for s in (*a.strides, *a.dilation)) or \
-            str(x.ty.dtype) != "float32" or str(a.out_dtype or "float32") not in ("float32", ""):
+            str(x.ty.dtype) != "float32" or (a.out_dtype and str(a.out_dtype) != "float32"):
         return None
     w = _const_weight(call.args[1], bindings)
     if w is None or w.shape[1:3] != (3, 3):
@@ -230,14 +231,13 @@ class _Rewrite(PyExprMutator):
 def winograd(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """conv2d 3x3 stride 1 (NHWC, constant weight) -> Winograd input transform, matmul with
     the transformed weight, output transform; other convs unchanged."""
-    if not any(isinstance(f, relax.Function) for f in mod.functions.values()):
-        return mod
     target = tvm.target.Target.current(allow_none=True)
     lanes = isa_of(target).f32_lanes if target is not None else 4
-    bindings = {}
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, lambda e: _collect(e, bindings))
+    funcs = [f for f in mod.functions.values() if isinstance(f, relax.Function)]
+    # var -> bound value: how _plan sees through a binding to a constant weight
+    bindings = {b.var: b.value for f in funcs if isinstance(f.body, relax.SeqExpr)
+                for block in f.body.blocks for b in block.bindings
+                if isinstance(b, relax.VarBinding)}
     rw = _Rewrite(mod, bindings, lanes)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
@@ -245,14 +245,6 @@ def winograd(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     if rw.count:
         log.debug("winograd: %d conv2d rewritten", rw.count)
     return relax.transform.DeadCodeElimination()(rw.builder_.get()) if rw.count else mod
-
-
-def _collect(expr, bindings: dict) -> None:
-    if isinstance(expr, relax.SeqExpr):
-        for block in expr.blocks:
-            for b in block.bindings:
-                if isinstance(b, relax.VarBinding):
-                    bindings[b.var] = b.value
 
 
 def winograd_passes(options: dict) -> list:
