@@ -42,8 +42,8 @@ from graphc.ir import Graph, fetch_attr
 from graphc.ops_codebook import pack, packed_length
 from graphc.pass_manager import register_pass
 from graphc.passes.cleanup import dead_code_elimination
-from graphc.passes.share_cluster import codebooks, input_moments
-from graphc.passes.share_kmeans import kmeans_1d
+from graphc.passes.share_cluster import Clusters, codebooks, input_moments
+from graphc.passes.share_entropy import entropy_bits, find_lam
 from graphc.passes.share_lowering import choose_lowering, gather_form
 from graphc.passes.share_policy import OP_CLASSES, SharePolicy, plan
 from graphc.rewrite import add_weight
@@ -61,13 +61,15 @@ def share_weights(graph: Graph, *, bits: int = 4, ops: tuple[str, ...] = OP_CLAS
                   target: str = "cpu", policy: SharePolicy | None = None,
                   rows_per_codebook: int = 0,
                   assign: Literal["nearest", "data-aware"] = "nearest",
-                  calibration: list | None = None) -> Graph:
+                  rate: float | None = None, calibration: list | None = None) -> Graph:
     """float linear/conv/embedding weights -> k-means codebook + b-bit packed indices.
 
     bits: 2..8 (2^bits centroids). ops / min_size / include / exclude: which layers.
     shared: one codebook for all selected weights of a bit width. rows_per_codebook: 0 (one
     codebook per weight) or r (one per r rows). assign: nearest centroid, or data-aware
-    (output error on the calibration data; linears and convs). lowering: decode (dense
+    (output error on the calibration data; linears and convs). rate: mean bits per index
+    in the saved (LZMA-compressed) artifact, 0 < rate < bits: entropy-constrained codebooks
+    (passes/share_entropy.py), one lam for all weights. lowering: decode (dense
     weight rebuilt once at load), gather (codebook read inside the kernel), or
     auto (both timed on `target`, the faster kept). policy: a SharePolicy (Python only),
     replacing the selection options. calibration: input batches (Python API), else
@@ -76,6 +78,7 @@ def share_weights(graph: Graph, *, bits: int = 4, ops: tuple[str, ...] = OP_CLAS
     policy = policy or SharePolicy(bits, tuple(ops), min_size, tuple(include), tuple(exclude),
                                    shared, rows_per_codebook=rows_per_codebook)
     _check_assign(assign, policy)
+    _check_rate(rate, assign, policy)
     chosen = plan(graph, policy)
     if not chosen:
         return graph
@@ -86,7 +89,7 @@ def share_weights(graph: Graph, *, bits: int = 4, ops: tuple[str, ...] = OP_CLAS
         once = [w for w in weights if sum(lay.weight == w for lay, _ in chosen) == 1]
         moments = input_moments(graph, once, as_batches(
             graph, calibration if calibration is not None else graph.meta.get("calibration")))
-    books = _cluster(g, weights, policy, moments)
+    books = _cluster(g, weights, policy, moments, rate)
     modes = choose_lowering(g, chosen, lowering, target,
                             {w: b.groups for w, b in books.items()})
     report = []
@@ -113,7 +116,8 @@ def _weights_bits(chosen) -> dict[str, int]:
 
 
 class Book:
-    """One weight's codebook attribute, indices, packed buffer and clustering error."""
+    """One weight's codebook attribute, indices, packed buffer, clustering error and the
+    entropy of its indices (what they cost in the LZMA-compressed artifact)."""
 
     def __init__(self, g: Graph, weight: str, codebook: str, indices: torch.Tensor, bits: int):
         self.weight, self.codebook, self.bits = weight, codebook, bits
@@ -123,6 +127,8 @@ class Book:
         self.groups = 1 if cb.dim() == 1 else cb.shape[0]
         approx = _dense(cb, indices)
         self.rel_error = float((approx - dense).norm() / dense.norm().clamp(min=1e-30))
+        rows = self.shape[0] if self.shape else 1
+        self.entropy = entropy_bits(indices, 1 << bits, per=-(-rows // self.groups))
         self.packed = add_weight(g, f"{weight}_packed", pack(indices, bits), trainable=False)
 
 
@@ -135,27 +141,57 @@ def _check_assign(assign: str, policy: SharePolicy) -> None:
                         "it does not combine with shared=True")
 
 
+def _check_rate(rate, assign: str, policy: SharePolicy) -> None:
+    if rate is None:
+        return
+    widest = max([policy.bits] + [b for _, b in policy.overrides if b is not None])
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < widest:
+        raise PassError(f"pass 'share-weights': rate={rate!r} must be a number of bits per "
+                        f"index with 0 < rate < bits ({widest}); leave it unset for k-means")
+    if assign == "data-aware":
+        raise PassError("pass 'share-weights': rate= picks indices by their entropy and "
+                        "assign='data-aware' by the layer's output error; choose one")
+
+
 def _cluster(g: Graph, weights: dict[str, int], policy: SharePolicy,
-             moments: dict[str, torch.Tensor]) -> dict[str, Book]:
+             moments: dict[str, torch.Tensor], rate: float | None) -> dict[str, Book]:
     """k-means per weight (or per group of its rows), or once over all weights of one bit
-    width (shared)."""
+    width (shared); then, with a rate, entropy-constrained at one lam for all of them."""
     if not policy.shared:
-        return {w: _own_book(g, w, bits, policy.rows_per_codebook, moments.get(w))
-                for w, bits in weights.items()}
-    books = {}
-    groups = [
-        [w for w in weights if weights[w] == b] for b in sorted(set(weights.values()))]
-    for names in groups:
-        bits = weights[names[0]]
-        values = [fetch_attr(g.gm, w).detach().reshape(-1) for w in names]
-        centroids, idx = kmeans_1d(torch.cat(values), 1 << bits)
-        cb = add_weight(g, f"shared{bits}_codebook", centroids, trainable=True)
+        plans = [(f"{w}_codebook", [w], Clusters(fetch_attr(g.gm, w).detach(), bits,
+                                                  policy.rows_per_codebook))
+                 for w, bits in weights.items() if w not in moments]
+    else:
+        plans = []
+        for bits in sorted(set(weights.values())):
+            names = [w for w in weights if weights[w] == bits]
+            values = torch.cat([fetch_attr(g.gm, w).detach().reshape(-1) for w in names])
+            plans.append((f"shared{bits}_codebook", names, Clusters(values, bits)))
+    lam = _lam_for(plans, rate)
+    books = {w: _own_book(g, w, weights[w], policy.rows_per_codebook, h)
+             for w, h in moments.items() if w in weights}
+    for cb_name, names, km in plans:
+        centroids, idx = km.at(lam)
+        cb = add_weight(g, cb_name, centroids, trainable=True)
         start = 0
-        for w, v in zip(names, values):
+        for w in names:
             shape = fetch_attr(g.gm, w).shape
-            books[w] = Book(g, w, cb, idx[start:start + v.numel()].reshape(shape), bits)
-            start += v.numel()
-    return books
+            books[w] = Book(g, w, cb, idx.reshape(-1)[start:start + shape.numel()].reshape(
+                shape), weights[w])
+            start += shape.numel()
+    return {w: books[w] for w in weights}
+
+
+def _lam_for(plans: list, rate: float | None) -> float:
+    """The one rate weight that brings the mean bits per index of all plans to `rate`."""
+    if rate is None or not plans:
+        return 0.0
+    total = sum(km.shape.numel() for _, _, km in plans)
+
+    def mean_rate(lam: float) -> float:
+        return sum(km.rate(lam) * km.shape.numel() for _, _, km in plans) / total
+
+    return find_lam(mean_rate, rate)
 
 
 def _own_book(g: Graph, weight: str, bits: int, rows_per_codebook: int, h) -> Book:
@@ -223,7 +259,7 @@ def _row(g: Graph, layer, book: Book, mode: str, reason: str) -> dict:
     n = int(torch.tensor(book.shape).prod())
     return {"layer": layer.node, "op": layer.op, "class": layer.kind, "weight": layer.weight,
             "bits": book.bits, "codebooks": book.groups, "params": n,
-            "rel_error": book.rel_error, "lowering": mode,
+            "rel_error": book.rel_error, "entropy_bits": book.entropy, "lowering": mode,
             "reason": reason}
 
 
@@ -231,10 +267,12 @@ def _summary(rows: list[dict], books: dict[str, Book], policy: SharePolicy) -> d
     fp32 = sum(4 * r for r in {b.weight: _numel(b) for b in books.values()}.values())
     codebooks = {b.codebook: b.groups << b.bits for b in books.values()}
     packed = sum(packed_length(_numel(b), b.bits) for b in books.values())
+    entropy = sum(b.entropy * _numel(b) for b in books.values()) / 8
     return {"layers": rows, "shared": policy.shared,
             "rows_per_codebook": policy.rows_per_codebook, "weight_bytes_fp32": fp32,
             "weight_bytes_shared": packed + 4 * sum(codebooks.values()),
             "codebook_bytes": 4 * sum(codebooks.values()),
+            "index_bytes_at_entropy": round(entropy),
             "codebooks": sum(b.groups for b in {b.codebook: b for b in books.values()}.values())}
 
 

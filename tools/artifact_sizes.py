@@ -1,4 +1,5 @@
-"""Saved artifact sizes, fp32 and share-weights(bits=4), each linked with and without the
+"""Saved artifact sizes, fp32, share-weights(bits=4) and share-weights(bits=4, rate=2.6)
+(entropy-constrained codebooks at 2.6 bits per index), each linked with and without the
 strip options of backends/tvm/strip.py (debug info and .symtab), plus what is inside.
 
     PYTHONPATH=. flock /tmp/graphc-bench.lock python tools/artifact_sizes.py --models digits
@@ -80,8 +81,10 @@ def main() -> None:
     torch.set_num_threads(1)
     for name in args.models:
         g = globals()[name]()
-        variants = {"fp32": g, "share-weights(bits=4)": share_weights(g, bits=4,
-                                                                      lowering="decode")}
+        variants = {"fp32": g,
+                    "share-weights(bits=4)": share_weights(g, bits=4, lowering="decode"),
+                    "share-weights(bits=4, rate=2.6)": share_weights(g, bits=4, rate=2.6,
+                                                                     lowering="decode")}
         if args.zeroed:
             variants["fp32, weights zeroed"] = zeroed(g)
         sizes = {}
@@ -93,8 +96,9 @@ def main() -> None:
                 print(f"{name} {label} link options {list(opts)}: {size:,} bytes; zipped "
                       f"members {parts}", flush=True)
         for opts in ((), strip.LINK_OPTIONS):
-            ratio = sizes["share-weights(bits=4)", opts] / sizes["fp32", opts]
-            print(f"{name} link options {list(opts)}: shared / fp32 = {ratio:.3f}")
+            for label in [v for v in variants if v.startswith("share-weights")]:
+                ratio = sizes[label, opts] / sizes["fp32", opts]
+                print(f"{name} link options {list(opts)}: {label} / fp32 = {ratio:.4f}")
 
 
 if __name__ == "__main__":
