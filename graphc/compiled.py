@@ -21,12 +21,18 @@ a fixed date and mode, and wall-clock timings (pass and build seconds) are left 
 saved meta (they stay in the in-memory CompiledModel.meta).
 
 Compression: each member is deflated or LZMA-compressed, whichever is smaller (LZMA: ~12%
-smaller on machine code, no gain on float weights; digits CNN with 4-bit shared weights:
-lib.so 40,720 -> 35,757 bytes). __main__.py stays deflated: zipimport, which runs
-`python3 model.graphc`, reads only stored and deflated members. LZMA is tried on members up
-to LZMA_MAX_BYTES: it compresses ~2 MB/s, and a larger member (float weights) would gain ~1%
-for seconds of save time. Readers need Python's lzma module (standard, also in the aarch64
-sysroot of tools/arm_sysroot.sh).
+smaller on machine code; digits CNN with 4-bit shared weights: lib.so 40,720 -> 35,757
+bytes). LZMA is tried with three literal models (LZMA_PROPS) and the smallest kept: its
+default, where a byte's coding depends on the 3 high bits of the byte before (suits machine
+code); none (lc=0, pb=0), for packed codebook indices, independent draws from one skewed
+distribution that 8 contexts only split; and the byte's position in a 4-byte word (lp=2),
+for float32 weights, whose sign-and-exponent bytes recur every 4 bytes. Digits CNN: fp32
+lib.so 151,867 -> 139,600 bytes (lp=2: 8%); 4-bit shared 30,922 -> 30,417 (lc=0). Any
+reader decodes all three: the properties are in the member's LZMA header. LZMA is tried on
+members up to LZMA_MAX_BYTES only: it compresses ~2 MB/s, three tries of a 44 MB ResNet-18
+lib.so would add over a minute to save(); larger members are deflated (a single lp=2 try
+would likely gain them the same 8%: not measured, left out). Readers need Python's lzma
+module (standard, also in the aarch64 sysroot of tools/arm_sysroot.sh).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import importlib
 import json
 import lzma
 import os
+import struct
 import tempfile
 import time
 import zipfile
@@ -54,6 +61,8 @@ FORMAT_VERSION = 2  # 2: meta.json carries "integrity" (SHA-256 of every member)
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # zip's earliest date: entries carry no build time
 LZMA_MAX_BYTES = 8 << 20  # larger members are deflated without trying LZMA (see above)
 DEFLATE_ONLY = ("__main__.py",)  # members zipimport must read
+LZMA_PROPS = ({"lc": 3, "lp": 0, "pb": 2}, {"lc": 0, "lp": 0, "pb": 0},  # see above
+              {"lc": 1, "lp": 2, "pb": 0})
 # Wall-clock timings in meta: they differ on every compile, so the saved file leaves them out.
 TIMING_KEYS = ("seconds", "phase_seconds", "search_seconds")
 
@@ -181,8 +190,14 @@ class CompiledModel:
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
             for name, data in {"meta.json": header_bytes, **members}.items():
                 info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
-                info.compress_type, info.external_attr = _method(name, data), 0o644 << 16
-                zf.writestr(info, data)
+                method, props = _method(name, data)
+                info.compress_type, info.external_attr = method, 0o644 << 16
+                with zf.open(info, "w") as out:
+                    if props is not None:
+                        # zipfile's own LZMA writer takes no options: swap in one that
+                        # writes the same header with these properties
+                        out._compressor = _Lzma1(props)
+                    out.write(data)
         os.replace(partial, path)
 
 
@@ -254,16 +269,41 @@ def _read_header(zf: zipfile.ZipFile, path: Path) -> dict:
     return header
 
 
-def _method(name: str, data: bytes) -> int:
-    """The zip compression of a member: LZMA where it is smaller than deflate (both at
-    zipfile's settings: zlib level 6, LZMA preset 6), else deflate."""
+def _method(name: str, data: bytes) -> tuple[int, dict | None]:
+    """(zip method, LZMA properties or None) of a member: the smallest of deflate (zlib
+    level 6, zipfile's) and LZMA preset 6 with each of LZMA_PROPS."""
     if name in DEFLATE_ONLY or len(data) > LZMA_MAX_BYTES:
-        return zipfile.ZIP_DEFLATED
+        return zipfile.ZIP_DEFLATED, None
     deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
     deflated = len(deflate.compress(data)) + len(deflate.flush())
-    lzma_size = len(lzma.compress(data, format=lzma.FORMAT_RAW,
-                                  filters=[{"id": lzma.FILTER_LZMA1, "preset": 6}]))
-    return zipfile.ZIP_LZMA if lzma_size + 9 < deflated else zipfile.ZIP_DEFLATED  # 9: header
+    sizes = [(len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=[_lzma1(p)])), i)
+             for i, p in enumerate(LZMA_PROPS)]
+    size, best = min(sizes)
+    if size + 9 >= deflated:  # 9: the LZMA member's header
+        return zipfile.ZIP_DEFLATED, None
+    return zipfile.ZIP_LZMA, LZMA_PROPS[best]
+
+
+def _lzma1(props: dict) -> dict:
+    return {"id": lzma.FILTER_LZMA1, "preset": 6, **props}
+
+
+class _Lzma1:
+    """zipfile.LZMACompressor with properties: the zip LZMA header (version 9.4, the
+    properties' length, the encoded properties) then the raw LZMA1 stream."""
+
+    def __init__(self, props: dict):
+        encoded = lzma._encode_filter_properties(_lzma1(props))
+        self._header = struct.pack("<BBH", 9, 4, len(encoded)) + encoded
+        self._comp = lzma.LZMACompressor(lzma.FORMAT_RAW, filters=[_lzma1(props)])
+
+    def compress(self, data: bytes) -> bytes:
+        head, self._header = self._header, b""
+        return head + self._comp.compress(data)
+
+    def flush(self) -> bytes:
+        head, self._header = self._header, b""
+        return head + self._comp.flush()
 
 
 def _read_member(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:

@@ -93,32 +93,37 @@ def test_digits_cnn_keeps_accuracy_and_the_artifact_shrinks():
 
     with single_thread():
         g, _, test = _train_digits()
-    s = share_weights(g, bits=4, lowering="decode")
     # +direct: with Winograd (the preset's default) the fp32 file would hold its 16->32 conv's
     # weight transformed, 4x its bytes, and flatter the ratio (tools/artifact_sizes.py too)
-    cm32, cms = graphc.compile(g, target="cpu+direct"), graphc.compile(s, target="cpu+direct")
-    with torch.no_grad():
-        deployed = 100.0 * sum(int((cms(xb).argmax(1) == yb).sum()) for xb, yb in test) / 360
-    fp32, shared = _accuracy(g, test), _accuracy(s, test)
-    a, b = _size(cm32), _size(cms)
-    rep = s.meta["share-weights"]
-    print(f"digits 4-bit shared: accuracy fp32 {fp32:.2f}, shared {shared:.2f}, on TVM "
-          f"{deployed:.2f}; artifact {a} -> {b} bytes ({b / a:.3f}x); weights "
-          f"{rep['weight_bytes_fp32']} -> {rep['weight_bytes_shared']} bytes")
-    assert shared >= fp32 - 0.5 and abs(deployed - shared) <= 0.3  # one image of 360 at most
-    # The file shrinks by most of the bytes the packing saves (measured 0.924 of them): the
-    # zip already squeezed ~5% out of the fp32 weights, and decoding adds ~0.8 kB of code.
-    assert a - b >= 0.9 * (rep["weight_bytes_fp32"] - rep["weight_bytes_shared"])
-    # Measured 0.234x (0.246x before the relayout kernels went and the runner lost its
-    # docstrings: 39,046 of 158,644 bytes), 0.237x when only the fp32 model's convs ran
-    # NHWC (51b8d6f), 0.226x since the shared one does too (nhwc.py counts per-call
-    # transposes only; its decoded weights' relayout runs at load). Both measured
-    # regressions (relayout kernels back: 0.245x, docstrings back: 0.241x, both in NCHW)
-    # cost more than this bound's 0.004x margin.
-    # The 0.2x the issue asks for is out of reach on this model: the fp32 model's own code,
-    # runner and meta are 13.8-15.6 kB zipped, about its 4-bit indices (16.5 kB compressed,
-    # at their entropy) (docs/weight-sharing.md).
-    assert b <= 0.23 * a
+    cm32 = graphc.compile(g, target="cpu+direct")
+    fp32, a = _accuracy(g, test), _size(cm32)
+    sizes = {}
+    for rate in (None, 2.6):
+        s = share_weights(g, bits=4, lowering="decode", rate=rate)
+        cms = graphc.compile(s, target="cpu+direct")
+        with torch.no_grad():
+            deployed = 100.0 * sum(int((cms(xb).argmax(1) == yb).sum()) for xb, yb in test) / 360
+        shared, b = _accuracy(s, test), _size(cms)
+        rep = s.meta["share-weights"]
+        print(f"digits 4-bit shared, rate {rate}: accuracy fp32 {fp32:.2f}, shared {shared:.2f}, "
+              f"on TVM {deployed:.2f}; artifact {a} -> {b} bytes ({b / a:.3f}x); weights "
+              f"{rep['weight_bytes_fp32']} -> {rep['weight_bytes_shared']} bytes, indices at "
+              f"entropy {rep['index_bytes_at_entropy']}")
+        assert shared >= fp32 - 0.5 and abs(deployed - shared) <= 0.3  # one image of 360
+        sizes[rate] = b
+        if rate is None:
+            # The file shrinks by most of the bytes the packing saves (measured 0.83 of them:
+            # LZMA with lp=2 stores the fp32 weights in ~0.87 of their bytes, and decoding
+            # adds ~0.8 kB of code)
+            assert a - b >= 0.8 * (rep["weight_bytes_fp32"] - rep["weight_bytes_shared"])
+    # Measured: k-means' 4-bit indices 0.242x, 2.6 bits per index (entropy-constrained, 16
+    # centroids) 0.213x. compiled.LZMA_PROPS moved both: the shared lib.so lost 0.5 kB
+    # (lc=0), the fp32 one 12.3 kB (lp=2); with zipfile's own LZMA they read 0.223x, 0.197x.
+    # The issue's 0.2x at 4-bit k-means is out of reach on this 38k-parameter model: the
+    # code, runner and meta both files carry are 13.8 kB zipped, near the 16.6 kB the
+    # indices take at their entropy (docs/weight-sharing.md).
+    assert sizes[None] <= 0.245 * a
+    assert sizes[2.6] <= 0.216 * a
 
 
 class DecodedConvLinear(nn.Module):
