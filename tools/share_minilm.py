@@ -43,6 +43,8 @@ def main() -> None:
                          "(a second share-weights pass): 16 floats per row of a 30522-token "
                          "table cost 1.9 MB at 4 bits")
     ap.add_argument("--artifact", action="store_true", help="also compile and save")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="share-weights rate= (mean bits per index; needs --assign nearest)")
     args = ap.parse_args()
     evals = real_sentences(200)
     test = batches(evals)
@@ -54,14 +56,15 @@ def main() -> None:
     fp32 = artifact_bytes(g) if args.artifact else None
     for bits in (int(b) for b in args.bits.split(",")):
         t0 = time.perf_counter()
-        opts = {"bits": bits, "lowering": args.lowering}
+        opts = {"bits": bits, "lowering": args.lowering, "rate": args.rate}
         ops = ("linear",) if args.embeddings_one_codebook else ("linear", "conv", "embedding")
         s = share_weights(g, rows_per_codebook=args.rows_per_codebook, assign=args.assign,
                           calibration=calib, ops=ops, **opts)
         rep = dict(s.meta["share-weights"])
         if args.embeddings_one_codebook:
             s = share_weights(s, ops=("embedding",), **opts)
-            for key in ("weight_bytes_fp32", "weight_bytes_shared", "codebook_bytes"):
+            for key in ("weight_bytes_fp32", "weight_bytes_shared", "codebook_bytes",
+                        "index_bytes_at_entropy"):
                 rep[key] += s.meta["share-weights"][key]
         with torch.no_grad():
             cos = torch.cat([torch.nn.functional.cosine_similarity(s(*b)[0], r, dim=-1)
@@ -71,7 +74,8 @@ def main() -> None:
               f"pass {time.perf_counter() - t0:.1f} s; mean cosine {cos.mean():.4f} (min "
               f"{cos.min():.4f}) over {len(evals)} sentences; weights "
               f"{rep['weight_bytes_fp32']:,} -> {rep['weight_bytes_shared']:,} bytes "
-              f"(codebooks {rep['codebook_bytes']:,})", flush=True)
+              f"(codebooks {rep['codebook_bytes']:,}; indices at entropy "
+              f"{rep['index_bytes_at_entropy']:,})", flush=True)
         if args.artifact:
             b = artifact_bytes(s)
             print(f"  artifact {fp32:,} -> {b:,} bytes ({b / fp32:.3f}x)", flush=True)

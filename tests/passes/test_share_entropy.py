@@ -115,3 +115,11 @@ def test_bad_rates_are_rejected(option, message):
     m, x = build("mlp")
     with pytest.raises(graphc.PassError, match=r"pass 'share-weights': " + message):
         graphc.run_pipeline(graphc.trace(m, x), f"share-weights(bits=4, {option})")
+
+
+def test_rate_on_indices_that_straddle_bytes_warns(caplog):
+    m, x = build("mlp")
+    with caplog.at_level("WARNING", logger="graphc"):
+        s = share_weights(graphc.trace(m, x), bits=3, min_size=0, rate=2.0, lowering="decode")
+    assert "with [3]-bit indices: they straddle bytes" in caplog.text
+    assert all(r["entropy_bits"] <= 2.6 for r in s.meta["share-weights"]["layers"])
