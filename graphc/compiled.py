@@ -190,13 +190,12 @@ class CompiledModel:
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
             for name, data in {"meta.json": header_bytes, **members}.items():
                 info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
-                method, props = _method(name, data)
+                method, payload = _packed(name, data)
                 info.compress_type, info.external_attr = method, 0o644 << 16
                 with zf.open(info, "w") as out:
-                    if props is not None:
-                        # zipfile's own LZMA writer takes no options: swap in one that
-                        # writes the same header with these properties
-                        out._compressor = _Lzma1(props)
+                    # zipfile would compress again, and its LZMA writer takes no options:
+                    # hand it the bytes _packed chose (it still sums and sizes `data`)
+                    out._compressor = _Ready(payload)
                     out.write(data)
         os.replace(partial, path)
 
@@ -269,41 +268,41 @@ def _read_header(zf: zipfile.ZipFile, path: Path) -> dict:
     return header
 
 
-def _method(name: str, data: bytes) -> tuple[int, dict | None]:
-    """(zip method, LZMA properties or None) of a member: the smallest of deflate (zlib
-    level 6, zipfile's) and LZMA preset 6 with each of LZMA_PROPS."""
-    if name in DEFLATE_ONLY or len(data) > LZMA_MAX_BYTES:
-        return zipfile.ZIP_DEFLATED, None
+def _packed(name: str, data: bytes) -> tuple[int, bytes]:
+    """(zip method, the member's compressed bytes): the smallest of deflate (zlib level 6,
+    zipfile's) and LZMA preset 6 with each of LZMA_PROPS (its zip header included)."""
     deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
-    deflated = len(deflate.compress(data)) + len(deflate.flush())
-    sizes = [(len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=[_lzma1(p)])), i)
-             for i, p in enumerate(LZMA_PROPS)]
-    size, best = min(sizes)
-    if size + 9 >= deflated:  # 9: the LZMA member's header
-        return zipfile.ZIP_DEFLATED, None
-    return zipfile.ZIP_LZMA, LZMA_PROPS[best]
+    best = (zipfile.ZIP_DEFLATED, deflate.compress(data) + deflate.flush())
+    if name in DEFLATE_ONLY or len(data) > LZMA_MAX_BYTES:
+        return best
+    for props in LZMA_PROPS:
+        packed = _lzma_member(data, props)
+        if len(packed) < len(best[1]):
+            best = (zipfile.ZIP_LZMA, packed)
+    return best
 
 
-def _lzma1(props: dict) -> dict:
-    return {"id": lzma.FILTER_LZMA1, "preset": 6, **props}
+def _lzma_member(data: bytes, props: dict) -> bytes:
+    """A zip LZMA member, as zipfile.LZMACompressor writes it but with these properties:
+    version 9.4, the properties' length, the encoded properties, the raw LZMA1 stream."""
+    lzma1 = {"id": lzma.FILTER_LZMA1, "preset": 6, **props}
+    encoded = lzma._encode_filter_properties(lzma1)
+    return (struct.pack("<BBH", 9, 4, len(encoded)) + encoded
+            + lzma.compress(data, format=lzma.FORMAT_RAW, filters=[lzma1]))
 
 
-class _Lzma1:
-    """zipfile.LZMACompressor with properties: the zip LZMA header (version 9.4, the
-    properties' length, the encoded properties) then the raw LZMA1 stream."""
+class _Ready:
+    """A zipfile compressor that emits bytes compressed already (the whole member)."""
 
-    def __init__(self, props: dict):
-        encoded = lzma._encode_filter_properties(_lzma1(props))
-        self._header = struct.pack("<BBH", 9, 4, len(encoded)) + encoded
-        self._comp = lzma.LZMACompressor(lzma.FORMAT_RAW, filters=[_lzma1(props)])
+    def __init__(self, payload: bytes):
+        self._payload = payload
 
-    def compress(self, data: bytes) -> bytes:
-        head, self._header = self._header, b""
-        return head + self._comp.compress(data)
+    def compress(self, _data: bytes) -> bytes:
+        out, self._payload = self._payload, b""
+        return out
 
     def flush(self) -> bytes:
-        head, self._header = self._header, b""
-        return head + self._comp.flush()
+        return self.compress(b"")
 
 
 def _read_member(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:

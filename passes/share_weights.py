@@ -89,11 +89,11 @@ def share_weights(graph: Graph, *, bits: int = 4, ops: tuple[str, ...] = OP_CLAS
         once = [w for w in weights if sum(lay.weight == w for lay, _ in chosen) == 1]
         moments = input_moments(graph, once, as_batches(
             graph, calibration if calibration is not None else graph.meta.get("calibration")))
-    if rate is not None and set(weights.values()) - {2, 4, 8}:
+    straddling = sorted(set(weights.values()) - {2, 4, 8})
+    if rate is not None and straddling:
         log.warning("share-weights: rate=%s with %s-bit indices: they straddle bytes, and the "
                     "artifact's LZMA stores them at well above their entropy (6 bits: 1.3x); "
-                    "bits 2, 4 or 8 store at about it", rate,
-                    sorted(set(weights.values()) - {2, 4, 8}))
+                    "bits 2, 4 or 8 store at about it", rate, straddling)
     books = _cluster(g, weights, policy, moments, rate)
     modes = choose_lowering(g, chosen, lowering, target,
                             {w: b.groups for w, b in books.items()})

@@ -188,7 +188,7 @@ def test_board_runner_runs_the_good_artifact(good, tmp_path):
 
 
 def test_members_take_the_smaller_compression_and_main_stays_deflated(good, tmp_path):
-    """compiled._method: each member is deflated or LZMA-compressed, whichever is smaller;
+    """compiled._packed: each member is deflated or LZMA-compressed, whichever is smaller;
     __main__.py is always deflated (zipimport, which runs `python3 good.graphc` in the test
     above, reads no LZMA member)."""
     with zipfile.ZipFile(good) as zf:
@@ -207,12 +207,10 @@ def test_members_take_the_smaller_compression_and_main_stays_deflated(good, tmp_
 
 
 def test_lzma_members_take_the_literal_model_that_suits_their_bytes(tmp_path):
-    """compiled._method tries LZMA_PROPS: float32 weights want the byte's position in its
+    """compiled._packed tries LZMA_PROPS: float32 weights want the byte's position in its
     word (lp=2), packed 4-bit indices of a skewed distribution no context (lc=0). The
     chosen properties travel in the member's header: plain zipfile reads it back."""
-    import lzma
-
-    from graphc.compiled import LZMA_PROPS, _Lzma1, _lzma1, _method
+    from graphc.compiled import LZMA_PROPS, _lzma_member, _packed, _Ready
     from graphc.ops_codebook import pack
     from graphc.passes.share_entropy import ecsq_rows, entropy_bits
     from graphc.passes.share_kmeans import kmeans_1d
@@ -223,18 +221,18 @@ def test_lzma_members_take_the_literal_model_that_suits_their_bytes(tmp_path):
     c, idx = kmeans_1d(w, 16)
     _, idx = ecsq_rows(w, c[None], idx, 0.04, 1.0)
     packed = pack(idx.reshape(-1), 4).numpy().tobytes()
-    sizes = [len(lzma.compress(packed, format=lzma.FORMAT_RAW, filters=[_lzma1(p)]))
-             for p in LZMA_PROPS]
+    sizes = [len(_lzma_member(packed, p)) for p in LZMA_PROPS]
     print(f"packed indices ({entropy_bits(idx, 16):.2f} bits each), LZMA with each of "
           f"LZMA_PROPS: {sizes}")
     assert sizes.index(min(sizes)) == 1 and sizes[1] < 0.99 * sizes[0]  # measured 0.984
-    method, props = _method("runner/lib.so", floats)
-    assert method == zipfile.ZIP_LZMA and props == LZMA_PROPS[2]
+    method, payload = _packed("runner/lib.so", floats)
+    props = LZMA_PROPS[2]
+    assert method == zipfile.ZIP_LZMA and payload == _lzma_member(floats, props)
     with zipfile.ZipFile(tmp_path / "m.zip", "w") as zf:
         info = zipfile.ZipInfo("runner/lib.so")
         info.compress_type = method
         with zf.open(info, "w") as out:
-            out._compressor = _Lzma1(props)
+            out._compressor = _Ready(payload)
             out.write(floats)
     with zipfile.ZipFile(tmp_path / "m.zip") as zf:
         assert zf.read("runner/lib.so") == floats
